@@ -1,4 +1,4 @@
-"""Command line: ``recursivemas run | chat | demo | eval | models``.
+"""Command line: ``recursivemas run | chat | demo | eval | train | gen-data | models``.
 
 Results go to stdout (human text, or JSON Lines with ``--json``); progress, loading messages and
 errors go to stderr. Bad input exits with status 2 and a one-line message saying what to change,
@@ -17,6 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from recursivemas.agent import GenerationConfig
+from recursivemas.distributed import cpu_processes_requested, launch_cpu_workers
 from recursivemas.errors import InputError, RecursiveMASError
 from recursivemas.loading import DTYPES, load_system
 from recursivemas.models.bundled import BUNDLED, cache_problem, model_dir
@@ -319,6 +320,27 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
 
 
+def _train_parsers(sub: argparse._SubParsersAction) -> None:
+    tr = sub.add_parser("train", help="train a system's links (or full weights) from a YAML config")
+    tr.add_argument("-c", "--config", required=True, metavar="CONFIG.yaml")
+    tr.add_argument("--stage", choices=["inner", "outer"], help="override the config's stage")
+    tr.add_argument("--trainable", choices=["links", "full"], help="links only, or full agent weights")
+    tr.add_argument("--max-steps", type=int, help="override optim.max_steps (e.g. for smoke runs)")
+    tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    tr.add_argument("--output", metavar="DIR", help="override run.output")
+    gd = sub.add_parser("gen-data", help="write disjoint train/validation JSONL rows from generated sources")
+    gd.add_argument(
+        "--source",
+        action="append",
+        required=True,
+        metavar="SPEC",
+        help="reasoning-gym:NAME:N, relay:LEVEL:N or file:PATH (.jsonl/.parquet); repeatable",
+    )
+    gd.add_argument("--validation", type=int, default=64, help="held-out rows")
+    gd.add_argument("--seed", type=int, default=0)
+    gd.add_argument("--output", required=True, metavar="DIR", help="writes train.jsonl and validation.jsonl")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recursivemas", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -330,17 +352,31 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", parents=[shared], help="one question in latent and text mode, compared")
     demo.add_argument("question", nargs="?", default=DEMO_QUESTION)
     _eval_parser(sub)
+    _train_parsers(sub)
     sub.add_parser("models", help="list presets and models, and whether bundled models are cached")
     sub.add_parser("presets", help="alias of models")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
     try:
         if command in ("models", "presets"):
             return models_command()
+        if command in ("train", "eval"):
+            workers = cpu_processes_requested()
+            if workers > 1:
+                return launch_cpu_workers(workers, argv)
+        if command == "train":
+            from recursivemas.train.cli import train_command
+
+            return train_command(argv=argv, **args)
+        if command == "gen-data":
+            from recursivemas.train.cli import gen_data_command
+
+            return gen_data_command(**args)
         if command == "eval":
             # The harness pulls in reasoning-gym, math-verify, accelerate and matplotlib (~0.6 s):
             # imported only for this command so `run`/`chat` start faster.

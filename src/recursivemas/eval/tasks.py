@@ -214,6 +214,9 @@ def _from_rows(rows: list[dict], prefix: str) -> list[Example]:
 # --- generated and packaged tasks ---------------------------------------------------------------
 
 
+BOXED_SUFFIX = "\nPut the final answer in \\boxed{}."
+
+
 def _reasoning_gym(name: str, size: int, seed: int, val_size: int) -> Task:
     try:
         test = reasoning_gym.create_dataset(name, size=size, seed=seed)
@@ -230,7 +233,7 @@ def _reasoning_gym(name: str, size: int, seed: int, val_size: int) -> Task:
                 continue
             ex = Example(
                 id=f"{prefix}-{i}",
-                question=entry["question"] + "\nPut the final answer in \\boxed{}.",
+                question=entry["question"] + BOXED_SUFFIX,
                 gold=str(entry["answer"]),
                 kind="exact",
             )

@@ -1,0 +1,207 @@
+"""Training configuration: one YAML file, validated by pydantic (unknown keys are errors).
+
+A config has six sections; every field has a default except where noted::
+
+    stage: inner | outer          # which links learn (SPEC §6)
+    trainable: links | full       # links only, or also every agent's full weights (Full-SFT baseline)
+    system:    which agents and links to start from
+    data:      where the {question, answer[, plan, refined_plan]} rows come from
+    objective: loss options of the chosen stage
+    optim:     AdamW, cosine schedule with warm-up, clipping, steps (paper defaults)
+    run:       output directory, seed, checkpointing, logging, validation
+
+The command-line flags of ``recursivemas train`` (``--stage``, ``--trainable``, ``--max-steps``,
+``--output``) override the matching fields.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from recursivemas.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SystemSection(_Section):
+    """The system to train: a preset, or a sequential planner/critic/solver over model specs.
+
+    ``links`` starts from a saved link checkpoint (e.g. the inner stage's output for the outer stage);
+    otherwise links start from ``init``.
+    """
+
+    preset: str | None = "tiny-random"
+    agents: dict[str, str] | None = Field(
+        default=None, description="planner/critic/solver -> model spec (registry name, HF id or path)"
+    )
+    init: Literal["training-free", "identity", "default"] = "training-free"
+    links: str | None = None
+    rounds: int = Field(default=3, ge=1)
+    latent_steps: int = Field(default=16, ge=1)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SystemSection:
+        if self.agents is not None:
+            if set(self.agents) != {"planner", "critic", "solver"}:
+                raise ValueError(
+                    f"system.agents must name exactly planner, critic and solver, got {sorted(self.agents)}"
+                )
+            self.preset = None
+        elif self.preset is None:
+            raise ValueError("give system.preset or system.agents")
+        return self
+
+
+class SourceSpec(_Section):
+    """One data source. ``kind``:
+
+    * ``file``: a ``.jsonl`` or ``.parquet`` file at ``path``;
+    * ``hub``: a HuggingFace dataset id at ``path`` (needs ``datasets`` and a reachable hub), with
+      ``split`` and optional ``subset``; ``fields`` renames columns to question/answer/plan/refined_plan;
+    * ``reasoning-gym``: ``n`` procedural rows of task ``name`` (never ``gsm_symbolic``);
+    * ``relay``: ``n`` relay rows of ``level`` 1-3 (the evaluation's information-carrying task).
+    """
+
+    kind: Literal["file", "hub", "reasoning-gym", "relay"]
+    path: str | None = None
+    name: str | None = None
+    subset: str | None = None
+    split: str = "train"
+    fields: dict[str, str] = Field(default_factory=dict)
+    n: int = Field(default=0, ge=0)
+    level: int = Field(default=1, ge=1, le=3)
+    weight: int = Field(default=1, ge=1, description="repeat this source's rows this many times")
+
+    @model_validator(mode="after")
+    def _needs(self) -> SourceSpec:
+        if self.kind in ("file", "hub") and not self.path:
+            raise ValueError(f"a {self.kind!r} source needs 'path'")
+        if self.kind == "reasoning-gym" and not self.name:
+            raise ValueError(
+                "a 'reasoning-gym' source needs 'name' (a reasoning-gym task, e.g. basic_arithmetic)"
+            )
+        if self.kind in ("reasoning-gym", "relay") and self.n < 1:
+            raise ValueError(f"a {self.kind!r} source needs 'n' >= 1 rows")
+        return self
+
+
+class DataSection(_Section):
+    """Training rows and a held-out validation split.
+
+    ``validation`` rows are taken from the same sources with a different seed (generated sources) or
+    split off the end of the shuffled rows (files); questions seen in validation are removed from
+    training, so the splits are disjoint.
+    """
+
+    sources: list[SourceSpec] = Field(default_factory=lambda: [SourceSpec(kind="relay", n=64)])
+    validation: int = Field(default=16, ge=0, description="held-out rows")
+    seed: int = 0
+    answer_format: str = Field(
+        default="\\boxed{{{answer}}}",
+        description="the answering agent's target text; {answer} is the row's answer",
+    )
+    max_answer_tokens: int = Field(default=64, ge=1)
+
+
+class ObjectiveSection(_Section):
+    """Loss options.
+
+    Inner stage: ``positions`` = ``answer`` (the target text only) or ``all`` (prompt and target);
+    ``precompute`` caches the frozen backbone's hidden states once and trains on them.
+    Outer stage: ``outer`` = ``unrolled`` (paper: real latent rollouts, answer CE of the last round) or
+    ``teacher-forced`` (release: reference texts' hidden states as latent sources); with
+    ``intermediate_weight > 0`` the answer CE of earlier rounds is added with that weight.
+    """
+
+    positions: Literal["answer", "all"] = "answer"
+    precompute: bool = True
+    outer: Literal["unrolled", "teacher-forced"] = "unrolled"
+    intermediate_weight: float = Field(default=0.0, ge=0.0)
+    teacher_fields: dict[str, str] = Field(
+        default_factory=lambda: {"planner": "plan", "critic": "refined_plan", "solver": "answer"},
+        description="agent -> row field whose text stands in for that agent's latent thoughts",
+    )
+    teacher_positions: int = Field(default=80, ge=1)
+    gradient_checkpointing: bool = True
+
+
+class OptimSection(_Section):
+    """AdamW + cosine schedule with linear warm-up; defaults are the paper's (SPEC §6)."""
+
+    lr: float = Field(default=5e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=10, ge=0)
+    max_steps: int = Field(default=100, ge=1)
+    batch_size: int = Field(default=2, ge=1, description="rows per process per step")
+    grad_accum: int = Field(default=1, ge=1)
+    clip: float | None = Field(default=1.0, gt=0)
+
+
+class RunSection(_Section):
+    output: str = "runs/train"
+    seed: int = 0
+    checkpoint_every: int = Field(default=50, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    log_every: int = Field(default=1, ge=1)
+    validate_every: int = Field(default=50, ge=1)
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+
+
+class TrainConfig(_Section):
+    stage: Literal["inner", "outer"] = "outer"
+    trainable: Literal["links", "full"] = "links"
+    system: SystemSection = Field(default_factory=SystemSection)
+    data: DataSection = Field(default_factory=DataSection)
+    objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    run: RunSection = Field(default_factory=RunSection)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.stage == "inner" and self.trainable == "full" and self.objective.precompute:
+            raise ValueError(
+                "objective.precompute caches frozen hidden states, which --trainable full changes; "
+                "set objective.precompute: false for full fine-tuning"
+            )
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path, **overrides: object) -> TrainConfig:
+        """Read a YAML config; ``overrides`` (``stage``, ``trainable``, ``max_steps``, ``output``) win."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"training config {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections (stage, system, data, ...)")
+        return cls.from_dict(raw, source=str(path), **overrides)
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config", **overrides: object) -> TrainConfig:
+        raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+        for key in ("stage", "trainable"):
+            if overrides.get(key) is not None:
+                raw[key] = overrides[key]
+        if overrides.get("max_steps") is not None:
+            raw.setdefault("optim", {})["max_steps"] = overrides["max_steps"]
+        if overrides.get("output") is not None:
+            raw.setdefault("run", {})["output"] = overrides["output"]
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as err:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg'].removeprefix('Value error, ')}" for e in err.errors()
+            )
+            raise ConfigError(f"{source}: {problems}") from None

@@ -1,0 +1,219 @@
+"""Training rows: files (JSONL/Parquet), hub datasets, reasoning-gym generators and relay rows.
+
+Two row formats are accepted, checked per row:
+
+* ``{question, answer}`` — enough for the inner loop and the paper's unrolled outer loop;
+* ``{question, plan, refined_plan, answer}`` — also feeds the release's teacher-forced outer loop.
+
+Any row may carry ``context``: agent name -> private text (the relay task uses it). Rows become
+``TrainRow`` objects; ``build_splits`` returns disjoint train and validation lists.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import reasoning_gym
+
+from recursivemas.errors import ConfigError, InputError
+from recursivemas.eval.relay import relay_rows
+from recursivemas.eval.tasks import BOXED_SUFFIX, read_rows
+from recursivemas.train.config import DataSection, SourceSpec
+
+TEXT_FIELDS = ("question", "answer", "plan", "refined_plan")
+RESERVED_FOR_EVAL = frozenset({"gsm_symbolic"})
+TRAIN_SEED_OFFSET = 1_000_003  # generated training rows never reuse the evaluation's seeds (0, 10000)
+VALIDATION_SEED_OFFSET = 2_000_003
+
+
+@dataclass(frozen=True)
+class TrainRow:
+    """One training example. ``texts`` holds plan/refined_plan when the row has them."""
+
+    question: str
+    answer: str
+    texts: dict[str, str] = field(default_factory=dict)
+    context: dict[str, str] = field(default_factory=dict)
+
+    def field(self, name: str) -> str:
+        """``question``, ``answer`` or a teacher text; ``InputError`` if the row lacks it."""
+        if name == "question":
+            return self.question
+        if name == "answer":
+            return self.answer
+        if name not in self.texts:
+            raise InputError(
+                f"the teacher-forced objective needs a {name!r} field, but a row lacks it "
+                f"(question {self.question[:60]!r}); use rows {{question, plan, refined_plan, answer}} "
+                f"or objective.outer: unrolled"
+            )
+        return self.texts[name]
+
+
+def parse_row(raw: object, where: str, rename: dict[str, str] | None = None) -> TrainRow:
+    """Validate one raw row (after renaming columns ``rename[ours] = theirs``)."""
+    if not isinstance(raw, dict):
+        raise InputError(f"{where}: a row must be an object with 'question' and 'answer'")
+    rename = rename or {}
+    row = {ours: raw.get(theirs) for ours, theirs in rename.items()} | {
+        k: v for k, v in raw.items() if k not in rename.values()
+    }
+    for key in ("question", "answer"):
+        if key not in row or row[key] is None:
+            raise InputError(f"{where}: missing {key!r} (rows need question and answer)")
+    values = {}
+    for key in TEXT_FIELDS:
+        value = row.get(key)
+        if value is None:
+            continue
+        if isinstance(value, int | float) and key == "answer":
+            value = str(value)
+        if not isinstance(value, str) or not value.strip():
+            raise InputError(f"{where}: {key!r} must be a non-empty string")
+        values[key] = value
+    context = row.get("context") or {}
+    if not isinstance(context, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in context.items()
+    ):
+        raise InputError(f"{where}: 'context' must map agent names to strings")
+    teacher = {k: v for k, v in values.items() if k in ("plan", "refined_plan")}
+    return TrainRow(values["question"], values["answer"], teacher, dict(context))
+
+
+def read_parquet(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for damaged files
+        raise InputError(f"{path} cannot be read as Parquet ({err})") from None
+
+
+def file_rows(spec: SourceSpec) -> list[TrainRow]:
+    path = Path(spec.path or "")
+    if not path.is_file():
+        raise InputError(f"data file {path} does not exist")
+    if path.suffix == ".parquet":
+        raw = read_parquet(path)
+    elif path.suffix in (".jsonl", ".json"):
+        raw = read_rows(str(path))
+    else:
+        raise InputError(f"data file {path}: use a .jsonl, .json or .parquet file")
+    return [parse_row(r, f"{path} row {i + 1}", spec.fields) for i, r in enumerate(raw)]
+
+
+def hub_rows(spec: SourceSpec) -> list[TrainRow]:
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(
+            f"data source {spec.path!r} is a hub dataset, which needs the `datasets` package: "
+            f"pip install datasets (or download it and use kind: file)"
+        ) from None
+    try:
+        raw = datasets.load_dataset(spec.path, spec.subset, split=spec.split)
+    except Exception as err:  # offline, gated or renamed datasets raise many error types
+        raise ConfigError(
+            f"cannot load {spec.path} from the hub ({type(err).__name__}: {err}); "
+            f"save the rows locally and use kind: file"
+        ) from None
+    return [parse_row(r, f"{spec.path} row {i + 1}", spec.fields) for i, r in enumerate(raw)]
+
+
+def gym_rows(name: str, n: int, seed: int) -> list[TrainRow]:
+    """``n`` rows of a reasoning-gym task, questions suffixed as the evaluation does."""
+    if name in RESERVED_FOR_EVAL:
+        raise ConfigError(f"reasoning-gym task {name!r} is reserved for evaluation; train on another task")
+    try:
+        dataset = reasoning_gym.create_dataset(name, size=n, seed=seed)
+    except (KeyError, ValueError) as err:
+        raise ConfigError(f"reasoning-gym has no task {name!r} ({err})") from None
+    return [TrainRow(e["question"] + BOXED_SUFFIX, str(e["answer"])) for e in dataset]
+
+
+def relay_train_rows(n: int, seed: int, level: int) -> list[TrainRow]:
+    return [parse_row(r, f"relay row {i + 1}") for i, r in enumerate(relay_rows(n, seed, level))]
+
+
+def source_rows(spec: SourceSpec, seed: int, n: int | None = None) -> list[TrainRow]:
+    """Rows of one source; generated sources make ``n`` (default ``spec.n``) rows from ``seed``."""
+    count = spec.n if n is None else n
+    if spec.kind == "file":
+        return file_rows(spec)
+    if spec.kind == "hub":
+        return hub_rows(spec)
+    if spec.kind == "reasoning-gym":
+        return gym_rows(spec.name or "", count, seed)
+    return relay_train_rows(count, seed, spec.level)
+
+
+@dataclass
+class Splits:
+    train: list[TrainRow]
+    validation: list[TrainRow]
+
+
+def build_splits(data: DataSection) -> Splits:
+    """Disjoint train and validation rows.
+
+    Generated sources draw validation rows from a separate seed (``data.validation`` rows shared in
+    proportion to each source's size); file and hub rows are shuffled with ``data.seed`` and their tail
+    is held out. Any training row whose question also appears in validation is dropped.
+    """
+    if not data.sources:
+        raise ConfigError("data.sources is empty: list at least one source")
+    loaded = [
+        source_rows(s, TRAIN_SEED_OFFSET + data.seed) if s.kind in ("file", "hub") else []
+        for s in data.sources
+    ]
+    sizes = [len(rows) if rows else s.n for s, rows in zip(data.sources, loaded, strict=True)]
+    shares = _shares(data.validation, sizes)
+    train: list[TrainRow] = []
+    validation: list[TrainRow] = []
+    for spec, rows, share in zip(data.sources, loaded, shares, strict=True):
+        if spec.kind in ("file", "hub"):
+            rows = list(rows)
+            random.Random(f"split:{data.seed}").shuffle(rows)
+            if share >= len(rows):
+                raise ConfigError(
+                    f"data source {spec.path}: {len(rows)} rows cannot hold out {share} for validation"
+                )
+            held, kept = rows[len(rows) - share :], rows[: len(rows) - share]
+        else:
+            kept = source_rows(spec, TRAIN_SEED_OFFSET + data.seed)
+            held = source_rows(spec, VALIDATION_SEED_OFFSET + data.seed, share) if share else []
+        validation.extend(held)
+        train.extend(kept * spec.weight)
+    held_questions = {_key(r) for r in validation}
+    train = [r for r in train if _key(r) not in held_questions]
+    if not train:
+        raise ConfigError("no training rows left after holding out validation; add rows or lower validation")
+    return Splits(train, validation)
+
+
+def _key(row: TrainRow) -> str:
+    return json.dumps([row.question, sorted(row.context.items())])
+
+
+def _shares(total: int, sizes: list[int]) -> list[int]:
+    """Split ``total`` validation rows over sources in proportion to ``sizes`` (each source >= 1 if any)."""
+    if total == 0:
+        return [0] * len(sizes)
+    whole = sum(sizes)
+    shares = [max(1, round(total * s / whole)) for s in sizes]
+    shares[-1] = max(1, total - sum(shares[:-1]))
+    return shares
+
+
+def write_jsonl(rows: Iterable[TrainRow], path: Path) -> None:
+    """Write rows in the ``{question, answer[, plan, refined_plan][, context]}`` format."""
+    with path.open("w", encoding="utf-8") as f:
+        for r in rows:
+            record: dict = {"question": r.question, "answer": r.answer, **r.texts}
+            if r.context:
+                record["context"] = r.context
+            f.write(json.dumps(record) + "\n")

@@ -1,0 +1,374 @@
+"""Training objectives (SPEC §6): the inner cosine loss and the two outer answer cross-entropy losses.
+
+* ``InnerObjective`` — per agent, teacher-forced on text: for every target position ``t``
+  ``loss = mean_t [1 - cos(R_in(h_t), E(x_{t+1}))]`` with ``h_t`` the frozen last-layer hidden state and
+  ``E`` the agent's input embedding. Optionally the frozen hidden states are computed once per row
+  (``precompute``) and the link trains on them; both paths compute the same loss.
+* ``UnrolledObjective`` (paper) — real latent rollouts through the graph for ``r`` rounds with
+  gradients; ``loss = CE(answerer(prompt with latent slots) -> answer)`` in the last round, plus
+  ``intermediate_weight x`` the same CE in earlier rounds where the answerer also acts.
+* ``TeacherForcedObjective`` (release) — the latent sources are the hidden states of reference texts
+  (``teacher_fields``: plan, refined plan, answer; first ``teacher_positions`` tokens) read after each
+  agent's prompt, instead of latent rollouts; the loss is the same answer CE.
+
+Every objective returns a ``LossOutput``; the outer ones also record, per round ``k``, the norm of
+``dL/dM_k`` where ``M_k`` are the latent messages produced in round ``k`` (gradient stability, SPEC §6).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from recursivemas.agent import Agent, Piece, PromptBatch, position_ids
+from recursivemas.errors import InputError
+from recursivemas.system import RecursiveMAS
+from recursivemas.train.config import TrainConfig
+from recursivemas.train.data import TrainRow
+
+IGNORE = -100
+
+
+@dataclass
+class LossOutput:
+    """A scalar loss to backpropagate and what to log.
+
+    Attributes:
+        loss: scalar tensor (mean over the batch's target positions).
+        count: number of target positions (tokens) the mean is over.
+        metrics: extra floats (per-agent losses, ...).
+        round_grads: filled during ``backward()``: round -> squared norm of dL/dM_round.
+    """
+
+    loss: torch.Tensor
+    count: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    round_grads: dict[int, float] = field(default_factory=lambda: defaultdict(float))
+
+    def round_grad_norms(self) -> dict[int, float]:
+        return {k: math.sqrt(v) for k, v in sorted(self.round_grads.items())}
+
+
+# --- helpers shared by the objectives ---------------------------------------------------------------
+
+
+def target_ids(agent: Agent, texts: Sequence[str], max_tokens: int, eos: bool = True) -> list[list[int]]:
+    """Token ids of each target text (no special tokens), truncated to ``max_tokens``, + EOS if it fits."""
+    out = []
+    for ids in agent.tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        ids = list(ids)[:max_tokens]
+        if eos and agent.eos_ids and len(ids) < max_tokens:
+            ids.append(agent.eos_ids[0])
+        if not ids:
+            raise InputError(f"agent {agent.name!r}: a target text tokenises to nothing: {texts!r}")
+        out.append(ids)
+    return out
+
+
+@dataclass
+class Continued:
+    """A left-padded prompt batch followed by right-padded target tokens.
+
+    Attributes:
+        embeds: (B, T + L, d) prompt then target embeddings (zero at padding).
+        mask: (B, T + L) 1 at real positions.
+        labels: (B, L) target ids, ``IGNORE`` at padding.
+        prompt_width: T.
+    """
+
+    embeds: torch.Tensor
+    mask: torch.Tensor
+    labels: torch.Tensor
+    prompt_width: int
+
+    @property
+    def target_mask(self) -> torch.Tensor:
+        return self.labels != IGNORE  # (B, L)
+
+
+def continue_with(agent: Agent, batch: PromptBatch, ids: list[list[int]]) -> Continued:
+    """Append target tokens ``ids[i]`` after row ``i`` of a left-padded prompt batch."""
+    bsz, width = batch.embeds.shape[0], max(len(x) for x in ids)
+    labels = torch.full((bsz, width), IGNORE, dtype=torch.long, device=agent.device)
+    for i, row in enumerate(ids):
+        labels[i, : len(row)] = torch.tensor(row, device=agent.device)
+    target_mask = labels != IGNORE
+    tokens = agent.embed(labels.clamp_min(0)) * target_mask[..., None].to(agent.dtype)  # (B, L, d)
+    embeds = torch.cat([batch.embeds.to(agent.dtype), tokens], dim=1)  # (B, T + L, d)
+    mask = torch.cat([batch.mask, target_mask.long()], dim=1)  # (B, T + L)
+    return Continued(embeds, mask, labels, batch.embeds.shape[1])
+
+
+def answer_ce(agent: Agent, seq: Continued) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy of the target tokens given the prompt, and their count.
+
+    Position ``T - 1 + j`` predicts target ``j``; the model computes logits for the last ``L + 1``
+    positions only (``logits_to_keep``), so the vocabulary projection costs ``O(B·L·V)``.
+    """
+    width = seq.labels.shape[1]
+    out = agent.model(
+        inputs_embeds=seq.embeds,
+        attention_mask=seq.mask,
+        position_ids=position_ids(seq.mask),
+        logits_to_keep=width + 1,
+        use_cache=False,
+    )
+    logits = out.logits[:, :width].float()  # (B, L, V)
+    loss = F.cross_entropy(logits.flatten(0, 1), seq.labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, int(seq.target_mask.sum())
+
+
+def maybe_checkpoint(enabled: bool, fn: Callable, *args: torch.Tensor):
+    """Run ``fn(*args)``, recomputing its activations in backward when ``enabled`` and grads are on."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def prompt_rows(agent: Agent, rows: Sequence[TrainRow], values: dict[str, list[Piece]]) -> list[list[Piece]]:
+    """Each row's spliced prompt for ``agent`` with the given slot values (one piece per row)."""
+    out = []
+    for i, row in enumerate(rows):
+        segments = agent.render(row.question, row.context.get(agent.name), set(values))
+        out.append(agent.fill(segments, {slot: v[i] for slot, v in values.items()}))
+    return out
+
+
+# --- inner loop --------------------------------------------------------------------------------------
+
+
+@dataclass
+class InnerExample:
+    """Frozen hidden states ``h_t`` (n, d) and targets ``E(x_{t+1})`` (n, d) of one row, float32."""
+
+    hidden: torch.Tensor
+    targets: torch.Tensor
+
+
+class InnerObjective:
+    """``1 - cos(R_in(h_t), E(x_{t+1}))`` averaged over target positions, summed over agents.
+
+    ``positions="answer"``: ``t`` ranges over the positions whose next token belongs to the answer text
+    (the last prompt position up to the second-to-last answer token); ``"all"``: every position whose
+    next position is a real token (prompt and answer). Agents are independent: each loss only reaches
+    its own inner link.
+    """
+
+    def __init__(self, system: RecursiveMAS, config: TrainConfig) -> None:
+        self.system = system
+        self.positions = config.objective.positions
+        self.answer_format = config.data.answer_format
+        self.max_answer_tokens = config.data.max_answer_tokens
+        self.precompute = config.objective.precompute
+        self._cache: dict[tuple[str, int], InnerExample] = {}
+
+    def examples(self, agent: Agent, rows: Sequence[TrainRow]) -> list[InnerExample]:
+        """Each row's (hidden states, targets) at its target positions, from one forward of ``agent``."""
+        batch = agent.encode(prompt_rows(agent, rows, {}))
+        texts = [self.answer_format.format(answer=r.answer) for r in rows]
+        seq = continue_with(agent, batch, target_ids(agent, texts, self.max_answer_tokens))
+        hidden = agent.backbone(
+            inputs_embeds=seq.embeds,
+            attention_mask=seq.mask,
+            position_ids=position_ids(seq.mask),
+            use_cache=False,
+        ).last_hidden_state  # (B, S, d)
+        valid = self._valid(seq)  # (B, S - 1): position t predicts position t + 1
+        targets = seq.embeds[:, 1:]
+        return [
+            InnerExample(hidden[i, :-1][valid[i]].float(), targets[i][valid[i]].detach().float())
+            for i in range(len(rows))
+        ]
+
+    def _valid(self, seq: Continued) -> torch.Tensor:
+        mask = seq.mask.bool()
+        nxt = mask[:, 1:] & mask[:, :-1]  # (B, S - 1)
+        if self.positions == "all":
+            return nxt
+        answer_next = torch.zeros_like(mask)
+        answer_next[:, seq.prompt_width :] = seq.target_mask
+        return nxt & answer_next[:, 1:]
+
+    def _cached(self, agent: Agent, rows: Sequence[TrainRow], keys: Sequence[int]) -> list[InnerExample]:
+        missing = [i for i, k in enumerate(keys) if (agent.name, k) not in self._cache]
+        if missing:
+            with torch.no_grad():
+                fresh = self.examples(agent, [rows[i] for i in missing])
+            for i, ex in zip(missing, fresh, strict=True):
+                self._cache[(agent.name, keys[i])] = ex
+        return [self._cache[(agent.name, k)] for k in keys]
+
+    def loss(self, rows: Sequence[TrainRow], keys: Sequence[int] | None = None) -> LossOutput:
+        """``keys`` (stable row ids) enable the precomputed path; without them hidden states are fresh."""
+        total, metrics, count = None, {}, 0
+        for name, agent in self.system.agents.items():
+            if self.precompute and keys is not None:
+                examples = self._cached(agent, rows, keys)
+            else:
+                examples = self.examples(agent, rows)
+            hidden = torch.cat([e.hidden for e in examples])  # (n, d)
+            targets = torch.cat([e.targets for e in examples])  # (n, d)
+            predicted = self.system.inner(name)(hidden.to(self.system.inner(name).proj1.weight.device))
+            cos = F.cosine_similarity(predicted, targets.to(predicted.device), dim=-1)  # (n,)
+            agent_loss = (1 - cos).mean()
+            metrics[f"loss/{name}"] = float(agent_loss.detach())
+            total = agent_loss if total is None else total + agent_loss.to(total.device)
+            count += hidden.shape[0]
+        return LossOutput(total, count, metrics)
+
+
+# --- outer loop --------------------------------------------------------------------------------------
+
+
+class OuterObjective:
+    """Shared machinery of the unrolled and teacher-forced objectives: slot values and the answer CE."""
+
+    def __init__(self, system: RecursiveMAS, config: TrainConfig) -> None:
+        self.system = system
+        self.rounds = config.system.rounds
+        self.latent_steps = config.system.latent_steps
+        self.answer_format = config.data.answer_format
+        self.max_answer_tokens = config.data.max_answer_tokens
+        self.intermediate_weight = config.objective.intermediate_weight
+        self.checkpointing = config.objective.gradient_checkpointing
+
+    def slot_values(self, name: str, messages: dict[str, list[torch.Tensor]]) -> dict[str, list[Piece]]:
+        """Per incoming edge with a message: one (m_i, d_dst) tensor per row, ``R_out`` of the sender's."""
+        agent = self.system.agents[name]
+        values: dict[str, list[Piece]] = {}
+        for edge in self.system.config.incoming(name):
+            if edge.src in messages:
+                link = self.system.outer(edge)
+                values[edge.slot] = [
+                    link(m).to(device=agent.device, dtype=agent.dtype) for m in messages[edge.src]
+                ]
+        return values
+
+    def answer_loss(self, rows: Sequence[TrainRow], batch: PromptBatch) -> tuple[torch.Tensor, int]:
+        agent = self.system.agents[self.system.config.answerer]
+        texts = [self.answer_format.format(answer=r.answer) for r in rows]
+        ids = target_ids(agent, texts, self.max_answer_tokens)
+
+        def ce(embeds: torch.Tensor) -> torch.Tensor:
+            seq = continue_with(agent, PromptBatch(embeds, batch.mask, [], []), ids)
+            return answer_ce(agent, seq)[0]
+
+        count = sum(len(x) for x in ids)
+        return maybe_checkpoint(self.checkpointing, ce, batch.embeds), count
+
+    @staticmethod
+    def track(out: LossOutput, round_: int, tensors: Sequence[torch.Tensor]) -> None:
+        """Accumulate ||dL/dM||² of this round's messages into ``out.round_grads`` during backward."""
+        for t in tensors:
+            if t.requires_grad:
+                t.register_hook(
+                    lambda g, r=round_: out.round_grads.__setitem__(
+                        r, out.round_grads[r] + float(g.float().pow(2).sum())
+                    )
+                )
+
+    def source(
+        self, name: str, round_: int, rows: Sequence[TrainRow], batch: PromptBatch
+    ) -> list[torch.Tensor]:
+        """The latent message agent ``name`` sends in ``round_``: one (m_i, d) tensor per row."""
+        raise NotImplementedError
+
+    def loss(self, rows: Sequence[TrainRow], keys: Sequence[int] | None = None) -> LossOutput:
+        cfg = self.system.config
+        messages: dict[str, list[torch.Tensor]] = {}
+        pending: list[tuple[int, list[torch.Tensor]]] = []
+        final_loss, count, extra = None, 0, []
+        for round_ in range(1, self.rounds + 1):
+            for name in cfg.schedule(round_, self.rounds):
+                agent = self.system.agents[name]
+                batch = agent.encode(prompt_rows(agent, rows, self.slot_values(name, messages)))
+                if name == cfg.answerer and (round_ == self.rounds or self.intermediate_weight > 0):
+                    ce, n = self.answer_loss(rows, batch)
+                    if round_ == self.rounds:
+                        final_loss, count = ce / n, n
+                        break
+                    extra.append(ce / n)
+                messages[name] = self.source(name, round_, rows, batch)
+                pending.append((round_, messages[name]))
+        loss = final_loss
+        metrics = {"answer_ce": float(final_loss.detach())}
+        if extra:
+            loss = loss + self.intermediate_weight * sum(e.to(loss.device) for e in extra)
+            metrics["intermediate_ce"] = float(sum(float(e.detach()) for e in extra) / len(extra))
+        out = LossOutput(loss, count, metrics)
+        for round_, tensors in pending:
+            self.track(out, round_, tensors)
+        return out
+
+
+class UnrolledObjective(OuterObjective):
+    """Paper-faithful: each non-final stage is a real KV-cached latent rollout of ``m`` steps."""
+
+    def source(
+        self, name: str, round_: int, rows: Sequence[TrainRow], batch: PromptBatch
+    ) -> list[torch.Tensor]:
+        agent, inner = self.system.agents[name], self.system.inner(name)
+
+        def rollout(embeds: torch.Tensor) -> torch.Tensor:
+            thoughts = agent.think(PromptBatch(embeds, batch.mask, [], []), self.latent_steps, inner, round_)
+            return thoughts.embeds  # (B, m, d) = R_in(H)
+
+        embeds = maybe_checkpoint(self.checkpointing, rollout, batch.embeds)
+        return list(embeds.unbind(0))
+
+
+class TeacherForcedObjective(OuterObjective):
+    """Release: agent ``a`` reads its prompt then the reference text ``row[teacher_fields[a]]``; the
+    last-layer hidden states of the first ``teacher_positions`` reference tokens stand in for its latent
+    thoughts ``H``, and ``R_in(H)`` is its message."""
+
+    def __init__(self, system: RecursiveMAS, config: TrainConfig) -> None:
+        super().__init__(system, config)
+        self.fields = config.objective.teacher_fields
+        self.positions = config.objective.teacher_positions
+        senders = {e.src for e in system.config.edges}
+        missing = sorted(senders - set(self.fields))
+        if missing:
+            raise InputError(
+                f"objective.teacher_fields has no reference text for agents {missing}; map each "
+                f"sending agent to a row field (plan, refined_plan or answer)"
+            )
+
+    def source(
+        self, name: str, round_: int, rows: Sequence[TrainRow], batch: PromptBatch
+    ) -> list[torch.Tensor]:
+        agent, inner = self.system.agents[name], self.system.inner(name)
+        field_name = self.fields[name]
+        texts = [
+            self.answer_format.format(answer=r.answer) if field_name == "answer" else r.field(field_name)
+            for r in rows
+        ]
+        ids = target_ids(agent, texts, self.positions, eos=False)
+        lengths = [len(x) for x in ids]
+
+        def read(embeds: torch.Tensor) -> torch.Tensor:
+            seq = continue_with(agent, PromptBatch(embeds, batch.mask, [], []), ids)
+            hidden = agent.backbone(
+                inputs_embeds=seq.embeds,
+                attention_mask=seq.mask,
+                position_ids=position_ids(seq.mask),
+                use_cache=False,
+            ).last_hidden_state[:, seq.prompt_width :]  # (B, L, d) at the reference tokens
+            return inner(hidden)  # (B, L, d) float32
+
+        embeds = maybe_checkpoint(self.checkpointing, read, batch.embeds)
+        return [embeds[i, :n] for i, n in enumerate(lengths)]
+
+
+def build_objective(system: RecursiveMAS, config: TrainConfig) -> InnerObjective | OuterObjective:
+    if config.stage == "inner":
+        return InnerObjective(system, config)
+    if config.objective.outer == "teacher-forced":
+        return TeacherForcedObjective(system, config)
+    return UnrolledObjective(system, config)

@@ -1,0 +1,469 @@
+"""The training loop: AdamW on the trainable tensors only, data-parallel with accelerate, resumable.
+
+Per step every process takes its own ``batch_size`` rows (``grad_accum`` times), backpropagates the
+objective, gradients are averaged over processes, clipped (per agent in the inner stage, so agents stay
+independent; jointly otherwise), and AdamW + a cosine schedule with linear warm-up take a step.
+
+The rows of step ``s`` are a pure function of ``(seed, s)``, and nothing else in a step is random, so a
+run resumed from a checkpoint continues exactly as the uninterrupted run would have.
+
+Outputs under ``run.output``: ``train_log.jsonl`` (one JSON object per logged step and per validation),
+``checkpoints/`` (see ``recursivemas.train.state``), ``final/`` (the trained links as a link checkpoint,
+loadable with ``RecursiveMAS.from_pretrained``), ``report.json`` and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from recursivemas.agent import Agent
+from recursivemas.checkpoint import from_pretrained
+from recursivemas.errors import CheckpointError, ConfigError
+from recursivemas.loading import DTYPES
+from recursivemas.models import load_model
+from recursivemas.patterns import sequential
+from recursivemas.presets import build_preset
+from recursivemas.system import RecursiveMAS
+from recursivemas.train.config import SystemSection, TrainConfig
+from recursivemas.train.curves import plot_curves
+from recursivemas.train.data import Splits, TrainRow, build_splits
+from recursivemas.train.objectives import LossOutput, build_objective
+from recursivemas.train.state import TrainState, clean_partial, latest_checkpoint, load_state, save_state
+
+logger = logging.getLogger(__name__)
+LOG_NAME = "train_log.jsonl"
+REPORT_NAME = "report.json"
+VALIDATION_KEY_OFFSET = 1 << 40  # precomputed-state keys of validation rows never clash with training rows
+RESUME_INVARIANT = ("stage", "trainable", "system", "data", "objective")
+
+
+# --- building ----------------------------------------------------------------------------------------
+
+
+def build_system(cfg: SystemSection, device: str) -> RecursiveMAS:
+    """The system to train, on ``device``; links from ``cfg.links`` if given, else initialised by ``cfg.init``."""
+    dtype = DTYPES[cfg.dtype]
+    init = "identity" if cfg.links else cfg.init
+    if cfg.agents is not None:
+        loaded = {spec: load_model(spec, dtype, device) for spec in dict.fromkeys(cfg.agents.values())}
+        agents = {
+            role: Agent(name=role, model=loaded[spec][0], tokenizer=loaded[spec][1], model_id=spec)
+            for role, spec in cfg.agents.items()
+        }
+        system = sequential(
+            agents["planner"], agents["critic"], agents["solver"], cfg.rounds, cfg.latent_steps, init=init
+        )
+    else:
+        system = build_preset(
+            cfg.preset,
+            dtype=dtype,
+            device=device,
+            init=init,
+            rounds=cfg.rounds,
+            latent_steps=cfg.latent_steps,
+        )
+    if cfg.links:
+        saved = from_pretrained(cfg.links, agents=list(system.agents.values()))
+        for group in saved.links.values():
+            for link in group.values():
+                system.set_link(link)
+    return system
+
+
+def select_trainable(system: RecursiveMAS, stage: str, trainable: str) -> dict[str, nn.Parameter]:
+    """Turn gradients on for the stage's links (and, for ``full``, every agent weight); off elsewhere.
+
+    Returns the trainable tensors by a stable name (``links.inner.planner.proj1.weight``,
+    ``agents.planner.model.layers.0...``); a model shared by several agents is listed once.
+    """
+    system.links.requires_grad_(False)
+    named = {f"links.{stage}.{n}": p for n, p in system.links[stage].named_parameters()}
+    if trainable == "full":
+        seen: set[int] = set()
+        for name, agent in system.agents.items():
+            if id(agent.model) not in seen:
+                seen.add(id(agent.model))
+                named |= {f"agents.{name}.{n}": p for n, p in agent.model.named_parameters()}
+    for p in named.values():
+        p.requires_grad_(True)
+    return named
+
+
+def clip_groups(system: RecursiveMAS, config: TrainConfig, named: dict[str, nn.Parameter]) -> dict:
+    """Parameter groups clipped separately: one per agent's inner link (inner stage), else all together."""
+    if config.stage == "inner" and config.trainable == "links":
+        return {
+            agent: [p for n, p in named.items() if n.startswith(f"links.inner.{agent}.")]
+            for agent in system.agents
+        }
+    return {"all": list(named.values())}
+
+
+# --- memory ------------------------------------------------------------------------------------------
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a fresh peak: CUDA allocator peak, or the process's peak RSS (Linux ``clear_refs``)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        logger.info("cannot reset the peak RSS here; the reported peak covers the whole process")
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory since ``reset_peak_memory``: CUDA allocated bytes, or peak resident set size."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# --- the loop ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainReport:
+    """The end-of-run summary written to ``report.json``."""
+
+    stage: str
+    trainable: str
+    steps: int
+    processes: int
+    seconds: float
+    trainable_parameters: int
+    frozen_parameters: int
+    peak_memory_bytes: int
+    memory_kind: str
+    final_train_loss: float | None
+    final_validation_loss: float | None
+    validation: list[dict] = field(default_factory=list)
+    output: str = ""
+
+
+class RowOrder:
+    """Row ``k`` of the endless training stream: epoch ``k // n`` is a permutation seeded by (seed, epoch)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
+        self._perms: dict[int, list[int]] = {}
+
+    def __getitem__(self, k: int) -> int:
+        epoch = k // self.n
+        if epoch not in self._perms:
+            perm = list(range(self.n))
+            random.Random(f"order:{self.seed}:{epoch}").shuffle(perm)
+            self._perms = {epoch: perm}
+        return self._perms[epoch][k % self.n]
+
+
+class Trainer:
+    """Train one stage of a system's links (or its full weights) from a ``TrainConfig``."""
+
+    def __init__(self, config: TrainConfig, command: str | None = None) -> None:
+        self.config = config
+        self.command = command
+        self.output = Path(config.run.output)
+        trackers = _available_trackers(config.run.trackers)
+        self.accelerator = Accelerator(
+            cpu=config.system.device == "cpu", log_with=trackers or None, project_dir=str(self.output)
+        )
+        self.main = self.accelerator.is_main_process
+        torch.manual_seed(config.run.seed)
+        device = str(self.accelerator.device) if config.system.device == "auto" else config.system.device
+        self.system = build_system(config.system, device)
+        self.named = select_trainable(self.system, config.stage, config.trainable)
+        self.params = list(self.named.values())
+        self.groups = clip_groups(self.system, config, self.named)
+        self.objective = build_objective(self.system, config)
+        self.splits: Splits = build_splits(config.data)
+        opt = config.optim
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay
+        )
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, opt.warmup_steps, opt.max_steps)
+        self.order = RowOrder(len(self.splits.train), config.run.seed)
+        self.step = 0
+        if trackers:
+            self.accelerator.init_trackers("recursivemas", config=_flat(config.model_dump()))
+
+    # --- data ------------------------------------------------------------------------------------
+
+    def rows_for(self, step: int, micro: int) -> tuple[list[TrainRow], list[int]]:
+        """This process's rows (and their stable ids) for micro-batch ``micro`` of ``step``."""
+        bs, world = self.config.optim.batch_size, self.accelerator.num_processes
+        base = ((step * self.config.optim.grad_accum + micro) * world + self.accelerator.process_index) * bs
+        ids = [self.order[k] for k in range(base, base + bs)]
+        return [self.splits.train[i] for i in ids], ids
+
+    # --- checkpoints -----------------------------------------------------------------------------
+
+    def _resume_config(self) -> dict:
+        dump = self.config.model_dump(mode="json")
+        return {k: dump[k] for k in RESUME_INVARIANT}
+
+    def save(self) -> None:
+        if self.main:
+            save_state(
+                self.output / "checkpoints",
+                TrainState(
+                    self.step,
+                    dict(self.named),
+                    self.optimizer.state_dict(),
+                    self.scheduler.state_dict(),
+                    self._resume_config(),
+                ),
+                self.config.run.keep_checkpoints,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def resume(self) -> bool:
+        """Restore the newest checkpoint under the output directory; ``False`` if there is none."""
+        root = self.output / "checkpoints"
+        path = latest_checkpoint(root)
+        if path is None:
+            return False
+        state = load_state(path)
+        if state.config != self._resume_config():
+            changed = [k for k in RESUME_INVARIANT if state.config.get(k) != self._resume_config()[k]]
+            raise CheckpointError(
+                f"{path} was written with a different config (sections {changed} differ); resume with "
+                f"the same config, or pick another --output"
+            )
+        missing = sorted(set(self.named) - set(state.tensors))
+        if missing:
+            raise CheckpointError(
+                f"{path} lacks trainable tensors {missing[:3]}...: not this run's checkpoint"
+            )
+        with torch.no_grad():
+            for name, p in self.named.items():
+                p.copy_(state.tensors[name].to(p.device, p.dtype))
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.step = state.step
+        if self.main:
+            _truncate_log(self.output / LOG_NAME, self.step)
+        return True
+
+    # --- steps -----------------------------------------------------------------------------------
+
+    def train_step(self) -> dict:
+        """One optimizer step; returns the logged record (losses averaged over processes)."""
+        cfg = self.config.optim
+        start = time.perf_counter()
+        losses, metrics, rounds = [], {}, {}
+        for micro in range(cfg.grad_accum):
+            rows, ids = self.rows_for(self.step, micro)
+            out: LossOutput = self.objective.loss(rows, ids)
+            (out.loss / cfg.grad_accum).backward()
+            losses.append(float(out.loss.detach()))
+            for k, v in out.metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + v / cfg.grad_accum
+            for k, v in out.round_grad_norms().items():
+                rounds[k] = rounds.get(k, 0.0) + v / cfg.grad_accum
+        self._average_gradients()
+        grad_norms = {
+            group: float(nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip is not None else math.inf))
+            for group, params in self.groups.items()
+        }
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        record = {
+            "kind": "train",
+            "step": self.step,
+            "loss": self._mean(sum(losses) / len(losses)),
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norms,
+            **{k: self._mean(v) for k, v in metrics.items()},
+            "seconds": time.perf_counter() - start,
+        }
+        if rounds:
+            record["round_grad_norm"] = {str(k): self._mean(v) for k, v in rounds.items()}
+        return record
+
+    def _average_gradients(self) -> None:
+        """Mean of every trainable tensor's gradient over processes (one flat all-reduce per device)."""
+        if self.accelerator.num_processes == 1:
+            return
+        by_device: dict[torch.device, list[nn.Parameter]] = {}
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            by_device.setdefault(p.device, []).append(p)
+        for params in by_device.values():
+            flat = torch.cat([p.grad.flatten().float() for p in params])
+            flat = self.accelerator.reduce(flat, reduction="mean")
+            offset = 0
+            for p in params:
+                n = p.numel()
+                p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+                offset += n
+
+    def _mean(self, value: float) -> float:
+        if self.accelerator.num_processes == 1:
+            return value
+        t = torch.tensor(value, dtype=torch.float64, device=self.accelerator.device)
+        return float(self.accelerator.reduce(t, reduction="mean"))
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Loss over the validation rows, weighted by target positions, summed over processes."""
+        rows = self.splits.validation
+        if not rows:
+            return None
+        world, rank, bs = (
+            self.accelerator.num_processes,
+            self.accelerator.process_index,
+            self.config.optim.batch_size,
+        )
+        mine = list(range(rank, len(rows), world))
+        total = torch.zeros(2, dtype=torch.float64, device=self.accelerator.device)
+        for i in range(0, len(mine), bs):
+            ids = mine[i : i + bs]
+            out = self.objective.loss([rows[j] for j in ids], [VALIDATION_KEY_OFFSET + j for j in ids])
+            total += torch.tensor(
+                [float(out.loss) * out.count, out.count], dtype=torch.float64, device=total.device
+            )
+        if world > 1:
+            total = self.accelerator.reduce(total, reduction="sum")
+        return float(total[0] / total[1])
+
+    # --- run -------------------------------------------------------------------------------------
+
+    def run(self, resume: bool = False) -> TrainReport:
+        """Train to ``optim.max_steps`` (from the last checkpoint if ``resume``); write outputs."""
+        cfg = self.config
+        if self.main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            clean_partial(self.output / "checkpoints")
+            if not resume and latest_checkpoint(self.output / "checkpoints") is not None:
+                raise ConfigError(
+                    f"{self.output} already holds checkpoints; pass --resume to continue, or pick another --output"
+                )
+        self.accelerator.wait_for_everyone()
+        if resume:
+            self.resume()
+        device = self.accelerator.device
+        reset_peak_memory(device)
+        start = time.perf_counter()
+        log = _LogWriter(self.output / LOG_NAME, self.main)
+        bar = tqdm(
+            total=cfg.optim.max_steps, initial=self.step, disable=not self.main, desc=f"train {cfg.stage}"
+        )
+        last: dict = {}
+        validation: list[dict] = []
+        while self.step < cfg.optim.max_steps:
+            last = self.train_step()
+            if self.step % cfg.run.log_every == 0 or self.step == cfg.optim.max_steps:
+                log.write(last)
+                self.accelerator.log({"train/loss": last["loss"], "train/lr": last["lr"]}, step=self.step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.4f}")
+            if self.step % cfg.run.validate_every == 0 or self.step == cfg.optim.max_steps:
+                value = self.validate()
+                if value is not None:
+                    entry = {"kind": "validation", "step": self.step, "validation_loss": value}
+                    validation.append(entry)
+                    log.write(entry)
+                    self.accelerator.log({"validation/loss": value}, step=self.step)
+            if self.step % cfg.run.checkpoint_every == 0 or self.step == cfg.optim.max_steps:
+                self.save()
+        bar.close()
+        report = self._finish(last, validation, time.perf_counter() - start, peak_memory_bytes(device))
+        self.accelerator.end_training()
+        return report
+
+    def _finish(self, last: dict, validation: list[dict], seconds: float, peak: int) -> TrainReport:
+        trainable = sum(p.numel() for p in self.params)
+        frozen_models = {id(a.model): a.model for a in self.system.agents.values()}
+        everything = sum(p.numel() for m in frozen_models.values() for p in m.parameters())
+        everything += sum(p.numel() for p in self.system.links.parameters())
+        report = TrainReport(
+            stage=self.config.stage,
+            trainable=self.config.trainable,
+            steps=self.step,
+            processes=self.accelerator.num_processes,
+            seconds=seconds,
+            trainable_parameters=trainable,
+            frozen_parameters=everything - trainable,
+            peak_memory_bytes=peak,
+            memory_kind="cuda-allocated" if self.accelerator.device.type == "cuda" else "peak-rss",
+            final_train_loss=last.get("loss"),
+            final_validation_loss=validation[-1]["validation_loss"] if validation else None,
+            validation=validation,
+            output=str(self.output),
+        )
+        if self.main:
+            self.system.save_pretrained(str(self.output / "final"), self.command)
+            (self.output / REPORT_NAME).write_text(json.dumps(asdict(report), indent=2) + "\n")
+            plot_curves(self.output / LOG_NAME, self.output / "curves.png", f"{self.config.stage} stage")
+        self.accelerator.wait_for_everyone()
+        return report
+
+
+class _LogWriter:
+    """Appends JSON lines (main process only), flushed per line so a killed run keeps its log."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past ``step`` (written after the checkpoint a resumed run restarts from)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _available_trackers(names: Sequence[str]) -> list[str]:
+    """The requested trackers whose packages are installed (others are skipped with a warning)."""
+    modules = {"tensorboard": "tensorboard", "wandb": "wandb"}
+    found = []
+    for name in names:
+        try:
+            __import__(modules[name])
+            found.append(name)
+        except ImportError:
+            logger.warning(
+                "tracker %r requested but its package is not installed; logging to JSONL only", name
+            )
+    return found
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, int | float | str | bool) else str(v)
+    return out
