@@ -55,7 +55,7 @@ def parse_source(spec: str) -> SourceSpec:
     except ValueError as err:
         raise ConfigError(
             f"bad --source {spec!r} ({err}); use reasoning-gym:NAME:N, relay:LEVEL:N or file:PATH"
-        )
+        ) from None
     raise ConfigError(f"bad --source {spec!r}; use reasoning-gym:NAME:N, relay:LEVEL:N or file:PATH")
 
 

@@ -201,7 +201,10 @@ class TrainConfig(_Section):
         try:
             return cls.model_validate(raw)
         except ValidationError as err:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg'].removeprefix('Value error, ')}" for e in err.errors()
-            )
+            problems = "; ".join(_describe(e) for e in err.errors())
             raise ConfigError(f"{source}: {problems}") from None
+
+
+def _describe(error: dict) -> str:
+    where = ".".join(str(p) for p in error["loc"]) or "config"
+    return f"{where}: {error['msg'].removeprefix('Value error, ')}"

@@ -59,7 +59,7 @@ def _fsync_file(path: Path) -> None:
 
 
 def save_state(root: Path, state: TrainState, keep: int) -> Path:
-    """Write ``state`` as ``root/step-NNNNNN`` atomically, point ``latest`` at it, keep the newest ``keep``."""
+    """Write ``root/step-NNNNNN`` atomically, point ``latest`` at it, keep the newest ``keep``."""
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{state.step:06d}"
     tmp = root / f".tmp-{name}"

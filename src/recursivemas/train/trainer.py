@@ -14,6 +14,7 @@ loadable with ``RecursiveMAS.from_pretrained``), ``report.json`` and ``curves.pn
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -55,7 +57,7 @@ RESUME_INVARIANT = ("stage", "trainable", "system", "data", "objective")
 
 
 def build_system(cfg: SystemSection, device: str) -> RecursiveMAS:
-    """The system to train, on ``device``; links from ``cfg.links`` if given, else initialised by ``cfg.init``."""
+    """The system to train on ``device``: links from ``cfg.links`` if given, else from ``cfg.init``."""
     dtype = DTYPES[cfg.dtype]
     init = "identity" if cfg.links else cfg.init
     if cfg.agents is not None:
@@ -159,6 +161,7 @@ class TrainReport:
     final_train_loss: float | None
     final_validation_loss: float | None
     validation: list[dict] = field(default_factory=list)
+    replica_digests: list[str] = field(default_factory=list)
     output: str = ""
 
 
@@ -361,7 +364,7 @@ class Trainer:
             clean_partial(self.output / "checkpoints")
             if not resume and latest_checkpoint(self.output / "checkpoints") is not None:
                 raise ConfigError(
-                    f"{self.output} already holds checkpoints; pass --resume to continue, or pick another --output"
+                    f"{self.output} already holds checkpoints; pass --resume to continue, or another --output"
                 )
         self.accelerator.wait_for_everyone()
         if resume:
@@ -375,6 +378,8 @@ class Trainer:
         )
         last: dict = {}
         validation: list[dict] = []
+        if self.step == 0:
+            self._validate(log, validation)  # the starting point (e.g. training-free links)
         while self.step < cfg.optim.max_steps:
             last = self.train_step()
             if self.step % cfg.run.log_every == 0 or self.step == cfg.optim.max_steps:
@@ -383,18 +388,21 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{last['loss']:.4f}")
             if self.step % cfg.run.validate_every == 0 or self.step == cfg.optim.max_steps:
-                value = self.validate()
-                if value is not None:
-                    entry = {"kind": "validation", "step": self.step, "validation_loss": value}
-                    validation.append(entry)
-                    log.write(entry)
-                    self.accelerator.log({"validation/loss": value}, step=self.step)
+                self._validate(log, validation)
             if self.step % cfg.run.checkpoint_every == 0 or self.step == cfg.optim.max_steps:
                 self.save()
         bar.close()
         report = self._finish(last, validation, time.perf_counter() - start, peak_memory_bytes(device))
         self.accelerator.end_training()
         return report
+
+    def _validate(self, log: _LogWriter, history: list[dict]) -> None:
+        value = self.validate()
+        if value is not None:
+            entry = {"kind": "validation", "step": self.step, "validation_loss": value}
+            history.append(entry)
+            log.write(entry)
+            self.accelerator.log({"validation/loss": value}, step=self.step)
 
     def _finish(self, last: dict, validation: list[dict], seconds: float, peak: int) -> TrainReport:
         trainable = sum(p.numel() for p in self.params)
@@ -414,14 +422,28 @@ class Trainer:
             final_train_loss=last.get("loss"),
             final_validation_loss=validation[-1]["validation_loss"] if validation else None,
             validation=validation,
+            replica_digests=self._replica_digests(),
             output=str(self.output),
         )
+        if len(set(report.replica_digests)) > 1:
+            logger.warning("processes ended with different trainable weights: %s", report.replica_digests)
         if self.main:
             self.system.save_pretrained(str(self.output / "final"), self.command)
             (self.output / REPORT_NAME).write_text(json.dumps(asdict(report), indent=2) + "\n")
             plot_curves(self.output / LOG_NAME, self.output / "curves.png", f"{self.config.stage} stage")
         self.accelerator.wait_for_everyone()
         return report
+
+    def _replica_digests(self) -> list[str]:
+        """SHA-256 of this process's trainable tensors, from every process (all equal when in sync)."""
+        digest = hashlib.sha256()
+        for name in sorted(self.named):
+            digest.update(name.encode())
+            digest.update(self.named[name].detach().float().cpu().numpy().tobytes())
+        mine = digest.hexdigest()[:16]
+        if self.accelerator.num_processes == 1:
+            return [mine]
+        return list(gather_object([mine]))
 
 
 class _LogWriter:

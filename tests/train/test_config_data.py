@@ -1,0 +1,138 @@
+"""Training configs and data: validation errors, both row formats, file types, disjoint splits."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from recursivemas.cli import main
+from recursivemas.errors import ConfigError, InputError
+from recursivemas.train.config import DataSection, SourceSpec, TrainConfig
+from recursivemas.train.data import build_splits, file_rows, parse_row
+
+ROWS = [
+    {"question": "What is 1+1?", "answer": "2"},
+    {"question": "What is 2+3?", "plan": "Add.", "refined_plan": "Add 2 and 3.", "answer": 5},
+]
+
+
+def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
+    with pytest.raises(ConfigError, match=r"optim.lrr"):
+        TrainConfig.from_dict({"optim": {"lrr": 1e-3}})
+    with pytest.raises(ConfigError, match=r"optim.max_steps"):
+        TrainConfig.from_dict({"optim": {"max_steps": 0}})
+    with pytest.raises(ConfigError, match="precompute"):
+        TrainConfig.from_dict({"stage": "inner", "trainable": "full"})
+    with pytest.raises(ConfigError, match="needs 'name'"):
+        TrainConfig.from_dict({"data": {"sources": [{"kind": "reasoning-gym", "n": 3}]}})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        TrainConfig.load(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        TrainConfig.load(tmp_path / "missing.yaml")
+
+
+def test_config_overrides_win(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("stage: inner\noptim: {max_steps: 50}\nobjective: {precompute: false}\n")
+    cfg = TrainConfig.load(path, stage="outer", trainable="full", max_steps=3, output=str(tmp_path / "o"))
+    assert (cfg.stage, cfg.trainable, cfg.optim.max_steps, cfg.run.output) == (
+        "outer",
+        "full",
+        3,
+        str(tmp_path / "o"),
+    )
+
+
+def test_both_row_formats_from_jsonl_and_parquet(tmp_path):
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    parquet = tmp_path / "rows.parquet"
+    pq.write_table(
+        pa.Table.from_pylist(
+            [{"plan": None, "refined_plan": None, **r, "answer": str(r["answer"])} for r in ROWS]
+        ),
+        parquet,
+    )
+    for path in (jsonl, parquet):
+        rows = file_rows(SourceSpec(kind="file", path=str(path)))
+        assert [r.answer for r in rows] == ["2", "5"]
+        assert rows[0].texts == {}
+        assert rows[1].field("refined_plan") == "Add 2 and 3."
+        with pytest.raises(InputError, match="teacher-forced objective needs a 'plan'"):
+            rows[0].field("plan")
+
+
+def test_renamed_columns_and_bad_rows(tmp_path):
+    row = parse_row({"problem": "Q?", "solution": "A"}, "r", {"question": "problem", "answer": "solution"})
+    assert (row.question, row.answer) == ("Q?", "A")
+    with pytest.raises(InputError, match="missing 'answer'"):
+        parse_row({"question": "Q?"}, "row 3")
+    with pytest.raises(InputError, match="'plan' must be a non-empty string"):
+        parse_row({"question": "Q?", "answer": "1", "plan": ""}, "row 3")
+    bad = tmp_path / "rows.csv"
+    bad.write_text("question,answer\n")
+    with pytest.raises(InputError, match=r"\.jsonl, \.json or \.parquet"):
+        file_rows(SourceSpec(kind="file", path=str(bad)))
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"not parquet")
+    with pytest.raises(InputError, match="cannot be read as Parquet"):
+        file_rows(SourceSpec(kind="file", path=str(broken)))
+
+
+def test_generated_splits_are_disjoint_seeded_and_refuse_gsm_symbolic():
+    data = DataSection(
+        sources=[
+            SourceSpec(kind="reasoning-gym", name="basic_arithmetic", n=40),
+            SourceSpec(kind="relay", level=1, n=40),
+        ],
+        validation=10,
+    )
+    splits = build_splits(data)
+    assert len(splits.validation) == 10
+    train_keys = {(r.question, tuple(r.context.items())) for r in splits.train}
+    assert not train_keys & {(r.question, tuple(r.context.items())) for r in splits.validation}
+    assert any(r.context for r in splits.train) and any(not r.context for r in splits.train)
+    assert build_splits(data).train == splits.train  # seeded
+    assert build_splits(data.model_copy(update={"seed": 1})).train != splits.train
+    with pytest.raises(ConfigError, match="reserved for evaluation"):
+        build_splits(DataSection(sources=[SourceSpec(kind="reasoning-gym", name="gsm_symbolic", n=5)]))
+
+
+def test_file_split_holds_out_the_tail(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"question": f"q{i}", "answer": str(i)}) + "\n" for i in range(20)))
+    splits = build_splits(DataSection(sources=[SourceSpec(kind="file", path=str(path))], validation=5))
+    assert len(splits.train) == 15 and len(splits.validation) == 5
+    assert not {r.question for r in splits.train} & {r.question for r in splits.validation}
+    with pytest.raises(ConfigError, match="cannot hold out"):
+        build_splits(DataSection(sources=[SourceSpec(kind="file", path=str(path))], validation=20))
+
+
+def test_gen_data_command_writes_disjoint_files(tmp_path, capsys):
+    out = tmp_path / "data"
+    code = main(
+        [
+            "gen-data",
+            "--source",
+            "reasoning-gym:chain_sum:30",
+            "--source",
+            "relay:2:10",
+            "--validation",
+            "8",
+            "--output",
+            str(out),
+        ]
+    )
+    assert code == 0
+    train = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
+    val = [json.loads(x) for x in (out / "validation.jsonl").read_text().splitlines()]
+    assert len(val) == 8 and len(train) >= 30
+    assert {"question", "answer"} <= set(train[0])
+    assert not {json.dumps(r, sort_keys=True) for r in train} & {json.dumps(r, sort_keys=True) for r in val}
+    assert main(["gen-data", "--source", "relay:x", "--output", str(out)]) == 2
+    assert "bad --source" in capsys.readouterr().err
