@@ -63,8 +63,18 @@ def _library_versions() -> dict[str, str]:
     return {"recursivemas": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def save_pretrained(system: RecursiveMAS, directory: str | os.PathLike, command: str | None = None) -> Path:
-    """Write ``system``'s links and graph to ``directory`` (created if needed). Returns the directory."""
+def save_pretrained(
+    system: RecursiveMAS,
+    directory: str | os.PathLike,
+    command: str | None = None,
+    dtype: torch.dtype | None = None,
+    card: str | None = None,
+) -> Path:
+    """Write ``system``'s links and graph to ``directory`` (created if needed). Returns the directory.
+
+    ``dtype`` stores the weights in another dtype (e.g. ``torch.bfloat16`` to halve the file; links are
+    loaded back into float32). ``card`` is extra Markdown appended to the model card (README.md).
+    """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     for agent in system.agents.values():
@@ -92,13 +102,17 @@ def save_pretrained(system: RecursiveMAS, directory: str | os.PathLike, command:
         "links": [c.to_dict() for c in system.link_configs()],
         "graph": system.config.to_dict(),
     }
-    tensors = {f"links.{k}": v.detach().cpu().contiguous() for k, v in system.links.state_dict().items()}
+    tensors = {
+        f"links.{k}": v.detach().to(device="cpu", dtype=dtype or v.dtype).contiguous()
+        for k, v in system.links.state_dict().items()
+    }
     atomic_write(
         out / WEIGHTS_NAME, lambda p: safetensors.torch.save_file(tensors, p, metadata={"format": "pt"})
     )
     config["weights_sha256"] = sha256_file(out / WEIGHTS_NAME)  # ties the config to these weights
     atomic_write(out / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
-    atomic_write(out / CARD_NAME, lambda p: p.write_text(_model_card(system, config, command)))
+    text = _model_card(system, config, command) + (f"\n{card.strip()}\n" if card else "")
+    atomic_write(out / CARD_NAME, lambda p: p.write_text(text))
     return out
 
 

@@ -38,6 +38,7 @@ class SystemOptions:
 
     preset: str | None
     checkpoint: str | None
+    init: str | None
     mode: str
     rounds: int | None
     latent_steps: int | None
@@ -125,7 +126,7 @@ def run_command(opts: SystemOptions, questions: list[str], input_file: str | Non
     if not items:
         raise InputError("no question given: pass QUESTION arguments or --input FILE.jsonl|.txt")
     opts.generation()  # validate decoding settings before loading any model
-    system = load_system(opts.preset, opts.checkpoint, opts.dtype, opts.device)
+    system = load_system(opts.preset, opts.checkpoint, opts.dtype, opts.device, opts.init)
     for result in answer(system, items, opts):
         emit(result, opts)
     return 0
@@ -134,7 +135,7 @@ def run_command(opts: SystemOptions, questions: list[str], input_file: str | Non
 def chat_command(opts: SystemOptions) -> int:
     """``recursivemas chat``: an interactive loop, one independent question per line."""
     opts.generation()
-    system = load_system(opts.preset, opts.checkpoint, opts.dtype, opts.device)
+    system = load_system(opts.preset, opts.checkpoint, opts.dtype, opts.device, opts.init)
     mode = opts.mode
     print(
         "Ask a question (each line is answered on its own). Commands: /mode latent|text|single, /quit.",
@@ -167,7 +168,7 @@ def demo_command(opts: SystemOptions, question: str) -> int:
     """``recursivemas demo``: a question in latent mode, then in text mode (both traced), then compared."""
     item = MASInput.parse(question)
     opts.generation()
-    system = load_system(opts.preset, opts.checkpoint, opts.dtype, opts.device)
+    system = load_system(opts.preset, opts.checkpoint, opts.dtype, opts.device, opts.init)
     results = {}
     for mode in ("latent", "text"):
         print(
@@ -256,6 +257,11 @@ def _system_parser() -> argparse.ArgumentParser:
         "--preset", choices=sorted(PRESETS), help=f"built-in system (default {DEFAULT_PRESET})"
     )
     source.add_argument("--checkpoint", metavar="DIR", help="a directory written by save_pretrained")
+    parent.add_argument(
+        "--init",
+        choices=["trained", "training-free", "identity"],
+        help="a preset's links: its shipped trained links (default where it has them) or another start",
+    )
     parent.add_argument("--mode", choices=MODES, default="latent")
     parent.add_argument("--rounds", type=int, help="recursion rounds r (default: the system's)")
     parent.add_argument(

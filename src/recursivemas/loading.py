@@ -34,10 +34,14 @@ def resolve_device(device: str) -> str:
     raise ConfigError(f"unknown --device {device!r}; use cpu, cuda, cuda:N or mps")
 
 
-def load_system(preset: str | None, checkpoint: str | None, dtype_name: str, device: str) -> RecursiveMAS:
-    """Build the preset or load the checkpoint named, saying so on stderr."""
+def load_system(
+    preset: str | None, checkpoint: str | None, dtype_name: str, device: str, init: str | None = None
+) -> RecursiveMAS:
+    """Build the preset (links by ``init``, default: the preset's) or load the checkpoint named."""
     if preset and checkpoint:
         raise ConfigError("give either --preset or --checkpoint, not both")
+    if checkpoint and init:
+        raise ConfigError("--init applies to presets; a checkpoint brings its own links")
     dtype, device = DTYPES[dtype_name], resolve_device(device)
     source = f"checkpoint {checkpoint}" if checkpoint else f"preset {preset or DEFAULT_PRESET}"
     print(f"recursivemas: loading {source} ({dtype_name} on {device})...", file=sys.stderr, flush=True)
@@ -45,6 +49,6 @@ def load_system(preset: str | None, checkpoint: str | None, dtype_name: str, dev
     if checkpoint:
         system = RecursiveMAS.from_pretrained(checkpoint, dtype=dtype, device=device)
     else:
-        system = build_preset(preset or DEFAULT_PRESET, dtype=dtype, device=device)
+        system = build_preset(preset or DEFAULT_PRESET, dtype=dtype, device=device, init=init)
     print(f"recursivemas: loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
     return system

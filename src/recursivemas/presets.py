@@ -1,43 +1,65 @@
-"""Named, ready-to-run systems. ``build_preset(name)`` returns a ``RecursiveMAS``."""
+"""Named, ready-to-run systems. ``build_preset(name)`` returns a ``RecursiveMAS``.
+
+A preset may ship trained links inside the package (``recursivemas/weights/<preset>/``, a link checkpoint
+written by ``save_pretrained``); its default ``init`` is then ``"trained"``, which loads them (the
+checkpoint's agent fingerprints must match the loaded models). Any other ``init`` (``training-free``,
+``identity``, ``default``) ignores them.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from recursivemas.agent import Agent
+from recursivemas.checkpoint import from_pretrained
 from recursivemas.errors import ConfigError
 from recursivemas.models import load_model
 from recursivemas.patterns import sequential
 from recursivemas.system import RecursiveMAS
 
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+TRAINED = "trained"
+
 
 @dataclass(frozen=True)
 class Preset:
-    """A named system: its description and the models of its agents (role -> model spec)."""
+    """A named system: its description, the models of its agents (role -> model spec), its builder and,
+    if it ships trained links, their directory."""
 
     name: str
     description: str
     agents: dict[str, str]
     build: Callable[..., RecursiveMAS]
+    links: Path | None = None
 
 
-def _sequential_preset(agents: dict[str, str]) -> Callable[..., RecursiveMAS]:
+def _sequential_preset(agents: dict[str, str], links: Path | None = None) -> Callable[..., RecursiveMAS]:
     def build(
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
-        init: str = "training-free",
+        init: str | None = None,
         rounds: int = 3,
         latent_steps: int = 16,
     ) -> RecursiveMAS:
+        init = init or (TRAINED if links is not None else "training-free")
+        if init == TRAINED and links is None:
+            raise ConfigError("this preset ships no trained links; use init 'training-free'")
         loaded = {spec: load_model(spec, dtype, device) for spec in dict.fromkeys(agents.values())}
         built = [
             Agent(name=role, model=loaded[spec][0], tokenizer=loaded[spec][1], model_id=spec)
             for role, spec in agents.items()
         ]  # agents on the same model share its weights
-        return sequential(*built, rounds=rounds, latent_steps=latent_steps, init=init)
+        system = sequential(
+            *built, rounds=rounds, latent_steps=latent_steps, init="identity" if init == TRAINED else init
+        )
+        if init == TRAINED:
+            system = from_pretrained(links, agents=list(system.agents.values()))
+            system.config.rounds, system.config.latent_steps = rounds, latent_steps
+        return system
 
     return build
 
@@ -56,9 +78,11 @@ PRESETS: dict[str, Preset] = {
     "smollm2-gemma3": Preset(
         "smollm2-gemma3",
         "Sequential planner/critic/solver over the bundled real models: SmolLM2-135M-Instruct plans and "
-        "solves (one shared copy), Gemma-3-270M criticises; links map 576 <-> 640 across two tokenizers.",
+        "solves (one shared copy), Gemma-3-270M criticises; links map 576 <-> 640 across two tokenizers. "
+        "Ships trained links (configs/default-inner.yaml, configs/default-outer.yaml).",
         _BUNDLED_AGENTS,
-        _sequential_preset(_BUNDLED_AGENTS),
+        _sequential_preset(_BUNDLED_AGENTS, WEIGHTS_DIR / "smollm2-gemma3"),
+        WEIGHTS_DIR / "smollm2-gemma3",
     ),
 }
 DEFAULT_PRESET = "smollm2-gemma3"
@@ -71,5 +95,8 @@ def get_preset(name: str) -> Preset:
 
 
 def build_preset(name: str = DEFAULT_PRESET, **kwargs) -> RecursiveMAS:
-    """Build preset ``name``; keyword arguments (dtype, device, init, rounds, latent_steps) go to it."""
+    """Build preset ``name``; keyword arguments (dtype, device, init, rounds, latent_steps) go to it.
+
+    ``init`` defaults to ``"trained"`` for presets that ship trained links, else ``"training-free"``.
+    """
     return get_preset(name).build(**kwargs)

@@ -244,11 +244,11 @@ class RecursiveMAS(nn.Module):
 
     # --- checkpoints (implemented in recursivemas.checkpoint, which imports this module) ----------
 
-    def save_pretrained(self, directory: str, command: str | None = None) -> None:
+    def save_pretrained(self, directory: str, command: str | None = None, **kwargs: Any) -> None:
         """Write links, graph and agent records to ``directory`` (see ``recursivemas.checkpoint``)."""
         from recursivemas.checkpoint import save_pretrained
 
-        save_pretrained(self, directory, command)
+        save_pretrained(self, directory, command, **kwargs)
 
     @classmethod
     def from_pretrained(

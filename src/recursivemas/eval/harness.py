@@ -8,19 +8,16 @@ Seeds change only the sampling seeds; with ``temperature == 0`` every seed gives
 
 from __future__ import annotations
 
-import resource
 import statistics
-import threading
 import time
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-import torch
-
 from recursivemas.agent import GenerationConfig
 from recursivemas.errors import ConfigError
 from recursivemas.eval.tasks import Example, Task
+from recursivemas.memory import PeakMemory
 from recursivemas.system import RecursiveMAS
 
 EVAL_MODES = ("single", "text", "latent", "latent-free")
@@ -79,44 +76,6 @@ class ModeRun:
     predictions: list[Prediction]
     seconds: float
     peak_memory_bytes: int
-
-
-class PeakMemory:
-    """Peak memory while the block runs: CUDA allocator peak, or sampled resident set size on CPU."""
-
-    def __init__(self, device: torch.device, interval_s: float = 0.02) -> None:
-        self.device, self.interval_s, self.peak = device, interval_s, 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            self.peak = int(torch.cuda.max_memory_allocated(self.device))
-        else:
-            self._stop.set()
-            assert self._thread is not None
-            self._thread.join()
-            self.peak = max(self.peak, _rss_bytes())
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.peak = max(self.peak, _rss_bytes())
-
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
-    except OSError:  # not Linux: fall back to the process-wide peak
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def with_training_free_links(system: RecursiveMAS) -> RecursiveMAS:

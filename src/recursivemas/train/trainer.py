@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import random
-import resource
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,6 +35,7 @@ from recursivemas.agent import Agent
 from recursivemas.checkpoint import from_pretrained
 from recursivemas.errors import CheckpointError, ConfigError
 from recursivemas.loading import DTYPES
+from recursivemas.memory import PeakMemory
 from recursivemas.models import load_model
 from recursivemas.patterns import sequential
 from recursivemas.presets import build_preset
@@ -113,33 +113,6 @@ def clip_groups(system: RecursiveMAS, config: TrainConfig, named: dict[str, nn.P
             for agent in system.agents
         }
     return {"all": list(named.values())}
-
-
-# --- memory ------------------------------------------------------------------------------------------
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a fresh peak: CUDA allocator peak, or the process's peak RSS (Linux ``clear_refs``)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        logger.info("cannot reset the peak RSS here; the reported peak covers the whole process")
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory since ``reset_peak_memory``: CUDA allocated bytes, or peak resident set size."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # --- the loop ----------------------------------------------------------------------------------------
@@ -358,7 +331,6 @@ class Trainer:
 
     def run(self, resume: bool = False) -> TrainReport:
         """Train to ``optim.max_steps`` (from the last checkpoint if ``resume``); write outputs."""
-        cfg = self.config
         if self.main:
             self.output.mkdir(parents=True, exist_ok=True)
             clean_partial(self.output / "checkpoints")
@@ -369,9 +341,16 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if resume:
             self.resume()
-        device = self.accelerator.device
-        reset_peak_memory(device)
         start = time.perf_counter()
+        with PeakMemory(self.accelerator.device) as memory:
+            last, validation = self._loop()
+        report = self._finish(last, validation, time.perf_counter() - start, memory)
+        self.accelerator.end_training()
+        return report
+
+    def _loop(self) -> tuple[dict, list[dict]]:
+        """Steps from ``self.step`` to the end; returns the last step's record and the validations."""
+        cfg = self.config
         log = _LogWriter(self.output / LOG_NAME, self.main)
         bar = tqdm(
             total=cfg.optim.max_steps, initial=self.step, disable=not self.main, desc=f"train {cfg.stage}"
@@ -392,9 +371,7 @@ class Trainer:
             if self.step % cfg.run.checkpoint_every == 0 or self.step == cfg.optim.max_steps:
                 self.save()
         bar.close()
-        report = self._finish(last, validation, time.perf_counter() - start, peak_memory_bytes(device))
-        self.accelerator.end_training()
-        return report
+        return last, validation
 
     def _validate(self, log: _LogWriter, history: list[dict]) -> None:
         value = self.validate()
@@ -404,7 +381,7 @@ class Trainer:
             log.write(entry)
             self.accelerator.log({"validation/loss": value}, step=self.step)
 
-    def _finish(self, last: dict, validation: list[dict], seconds: float, peak: int) -> TrainReport:
+    def _finish(self, last: dict, validation: list[dict], seconds: float, memory: PeakMemory) -> TrainReport:
         trainable = sum(p.numel() for p in self.params)
         frozen_models = {id(a.model): a.model for a in self.system.agents.values()}
         everything = sum(p.numel() for m in frozen_models.values() for p in m.parameters())
@@ -417,8 +394,8 @@ class Trainer:
             seconds=seconds,
             trainable_parameters=trainable,
             frozen_parameters=everything - trainable,
-            peak_memory_bytes=peak,
-            memory_kind="cuda-allocated" if self.accelerator.device.type == "cuda" else "peak-rss",
+            peak_memory_bytes=memory.peak,
+            memory_kind=memory.kind,
             final_train_loss=last.get("loss"),
             final_validation_loss=validation[-1]["validation_loss"] if validation else None,
             validation=validation,
