@@ -28,19 +28,15 @@ def _parent_arguments() -> list[str]:
 
 
 def _num_processes(argv: Sequence[str]) -> int:
-    """The value of ``--num_processes``/``--num-processes`` in an ``accelerate launch`` command line."""
-    if "launch" not in argv:
+    """``--num_processes`` of an ``accelerate launch`` command line, parsed by accelerate's own parser."""
+    from accelerate.commands.launch import launch_command_parser
+
+    # `accelerate launch ...` or `python -m accelerate.commands.launch ...`
+    marks = [i for i, a in enumerate(argv) if a == "launch" or a.endswith("accelerate.commands.launch")]
+    if not marks:
         return 1
-    args = list(argv[argv.index("launch") + 1 :])
-    for i, arg in enumerate(args):
-        for flag in ("--num_processes", "--num-processes"):
-            if arg == flag and i + 1 < len(args):
-                return int(args[i + 1])
-            if arg.startswith(flag + "="):
-                return int(arg.split("=", 1)[1])
-        if not arg.startswith("-") and i > 0 and not args[i - 1].startswith("-"):
-            break  # reached the script and its own arguments
-    return 1
+    args, _ = launch_command_parser().parse_known_args(list(argv[marks[0] + 1 :]))
+    return int(args.num_processes or 1)
 
 
 def cpu_processes_requested() -> int:
@@ -51,7 +47,7 @@ def cpu_processes_requested() -> int:
         return 1
     try:
         return max(1, _num_processes(_parent_arguments()))
-    except ValueError:
+    except (ValueError, SystemExit):  # not a command line accelerate's parser understands
         return 1
 
 
