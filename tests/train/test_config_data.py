@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import types
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,7 +13,7 @@ import pytest
 from recursivemas.cli import main
 from recursivemas.errors import ConfigError, InputError
 from recursivemas.train.config import DataSection, SourceSpec, TrainConfig
-from recursivemas.train.data import build_splits, file_rows, parse_row
+from recursivemas.train.data import build_splits, file_rows, hub_rows, parse_row
 
 ROWS = [
     {"question": "What is 1+1?", "answer": "2"},
@@ -136,3 +138,29 @@ def test_gen_data_command_writes_disjoint_files(tmp_path, capsys):
     assert not {json.dumps(r, sort_keys=True) for r in train} & {json.dumps(r, sort_keys=True) for r in val}
     assert main(["gen-data", "--source", "relay:x", "--output", str(out)]) == 2
     assert "bad --source" in capsys.readouterr().err
+
+
+def test_hub_source_uses_datasets_and_renames_fields(monkeypatch):
+    calls = []
+
+    def load_dataset(path, subset, split):
+        calls.append((path, subset, split))
+        return [{"problem": "What is 6*7?", "solution": "42"}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    spec = SourceSpec(
+        kind="hub",
+        path="org/rows",
+        subset="main",
+        split="train",
+        fields={"question": "problem", "answer": "solution"},
+    )
+    rows = hub_rows(spec)
+    assert calls == [("org/rows", "main", "train")]
+    assert (rows[0].question, rows[0].answer) == ("What is 6*7?", "42")
+
+
+def test_hub_source_without_datasets_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ConfigError, match="pip install datasets"):
+        hub_rows(SourceSpec(kind="hub", path="org/rows"))

@@ -4,6 +4,7 @@ after SIGKILL, and two-process data parallelism under ``accelerate launch --cpu`
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -48,6 +49,16 @@ def test_links_only_training_leaves_backbones_bit_identical(make_config, stage):
     assert changed and all(k.startswith(f"{stage}.") for k in changed)
     assert report.trainable_parameters == sum(p.numel() for p in trainer.system.links[stage].parameters())
     assert report.peak_memory_bytes > 0
+
+
+def test_bfloat16_agents_train_float32_links(make_config):
+    trainer = Trainer(make_config(system={"dtype": "bfloat16"}, optim={"max_steps": 2}))
+    assert {a.dtype for a in trainer.system.agents.values()} == {torch.bfloat16}
+    before = _model_state(trainer)
+    report = trainer.run()
+    assert math.isfinite(report.final_train_loss) and math.isfinite(report.final_validation_loss)
+    assert {p.dtype for p in trainer.system.links.parameters()} == {torch.float32}
+    assert all(torch.equal(before[k], v) for k, v in _model_state(trainer).items())
 
 
 def test_full_training_moves_backbone_weights(make_config):
