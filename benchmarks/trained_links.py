@@ -3,7 +3,10 @@
 The held-out rows are the validation split of the training config (never trained on: questions and
 relay facts seen there are removed from training). Both systems use the same agents, prompts, greedy
 decoding and (r, m); we report exact-match accuracy of the boxed answer (per source: relay /
-arithmetic) and the answer cross-entropy of the final round (teacher-forced target ``\\boxed{answer}``).
+arithmetic), the answer cross-entropy of the final round (teacher-forced target ``\\boxed{answer}``),
+and an information test on the relay rows: the answer CE when the planner's private context holds
+another row's fact minus the CE with the true fact. Only the planner sees the fact, so a positive gap
+(in nats per answer token) means the latent messages carried it to the solver.
 
     python benchmarks/trained_links.py [--links runs/default-outer/final]
         [--config configs/default-outer.yaml] [--settings 2x8,3x16] [--max-new-tokens 32]
@@ -15,6 +18,7 @@ benchmarks/results/trained_links.json and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -42,16 +46,29 @@ def same_answer(predicted: str | None, gold: str) -> bool:
         return predicted == gold
 
 
-def measure(system, config: TrainConfig, rows: list[TrainRow], rounds: int, steps: int, max_new: int) -> dict:
-    raw = config.model_dump()
-    raw["system"].update(rounds=rounds, latent_steps=steps)
-    objective = UnrolledObjective(system, TrainConfig.from_dict(raw))
+def answer_ce(objective: UnrolledObjective, rows: list[TrainRow]) -> float:
+    """Token-weighted mean answer cross-entropy of the last round."""
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(rows), 8):
             out = objective.loss(rows[i : i + 8])
             total += float(out.loss) * out.count
             count += out.count
+    return total / count
+
+
+def rotated_contexts(rows: list[TrainRow]) -> list[TrainRow]:
+    """The same relay questions with each planner context taken from the next row (another fact)."""
+    return [dataclasses.replace(r, context=rows[(i + 1) % len(rows)].context) for i, r in enumerate(rows)]
+
+
+def measure(system, config: TrainConfig, rows: list[TrainRow], rounds: int, steps: int, max_new: int) -> dict:
+    raw = config.model_dump()
+    raw["system"].update(rounds=rounds, latent_steps=steps)
+    objective = UnrolledObjective(system, TrainConfig.from_dict(raw))
+    relay = [r for r in rows if r.context]
+    relay_true = answer_ce(objective, relay)
+    relay_rotated = answer_ce(objective, rotated_contexts(relay))
     start = time.perf_counter()
     results = system.run(
         [{"question": r.question, "context": r.context} for r in rows],
@@ -67,7 +84,10 @@ def measure(system, config: TrainConfig, rows: list[TrainRow], rounds: int, step
         "arithmetic": [c for c, r in zip(correct, rows, strict=True) if not r.context],
     }
     return {
-        "answer_ce": total / count,
+        "answer_ce": answer_ce(objective, rows),
+        "relay_ce": relay_true,
+        "relay_ce_wrong_context": relay_rotated,
+        "relay_information_nats": relay_rotated - relay_true,
         "accuracy": sum(correct) / len(correct),
         "accuracy_by_source": {k: (sum(v) / len(v) if v else None) for k, v in groups.items()},
         "answered": sum(res.answer is not None for res in results) / len(results),
@@ -100,8 +120,8 @@ def main() -> None:
             record["results"][key] = measure(system, config, rows, rounds, steps, args.max_new_tokens)
             print(key, {k: v for k, v in record["results"][key].items() if k != "examples"}, flush=True)
     Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
-    print("| links | r | m | accuracy | relay | arithmetic | answer CE |")
-    print("|---|---|---|---|---|---|---|")
+    print("| links | r | m | accuracy | relay | arithmetic | answer CE | relay CE: wrong fact - true fact |")
+    print("|---|---|---|---|---|---|---|---|")
     for key, r in record["results"].items():
         name, rr, mm = key.split(" ")
         by = r["accuracy_by_source"]

@@ -11,7 +11,7 @@ import torch
 from recursivemas import GenerationConfig, build_preset
 from recursivemas.agent import Agent
 from recursivemas.models import bundled, load_model
-from recursivemas.presets import DEFAULT_PRESET
+from recursivemas.presets import DEFAULT_PRESET, WEIGHTS_DIR
 
 pytestmark = pytest.mark.heavy
 
@@ -153,3 +153,14 @@ def test_default_preset_mixes_architectures():
     assert system.agents["planner"].model is system.agents["solver"].model  # one shared copy
     assert os.environ.get(bundled.CACHE_ENV, "") == "" or bundled.cache_root().exists()
     assert all(torch.isfinite(p).all() for p in system.links.parameters())
+
+
+def test_default_preset_ships_trained_links():
+    trained = build_preset(DEFAULT_PRESET, rounds=1, latent_steps=2)
+    free = build_preset(DEFAULT_PRESET, rounds=1, latent_steps=2, init="training-free")
+    assert trained.agents["critic"].model is not None
+    free_state = free.links.state_dict()
+    moved = [k for k, v in trained.links.state_dict().items() if not torch.equal(v, free_state[k])]
+    assert any(k.startswith("inner.") for k in moved) and any(k.startswith("outer.") for k in moved)
+    card = (WEIGHTS_DIR / DEFAULT_PRESET / "README.md").read_text()
+    assert "configs/default-inner.yaml" in card and "configs/default-outer.yaml" in card

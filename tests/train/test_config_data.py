@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import types
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,6 +16,7 @@ from recursivemas.errors import ConfigError, InputError
 from recursivemas.train.config import DataSection, SourceSpec, TrainConfig
 from recursivemas.train.data import build_splits, file_rows, hub_rows, parse_row
 
+CONFIGS = Path(__file__).parents[2] / "configs"
 ROWS = [
     {"question": "What is 1+1?", "answer": "2"},
     {"question": "What is 2+3?", "plan": "Add.", "refined_plan": "Add 2 and 3.", "answer": 5},
@@ -164,3 +166,10 @@ def test_hub_source_without_datasets_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(ConfigError, match="pip install datasets"):
         hub_rows(SourceSpec(kind="hub", path="org/rows"))
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_parse_and_say_how_to_run_them(path):
+    config = TrainConfig.load(path)
+    assert config.system.preset == "smollm2-gemma3"
+    assert f"recursivemas train -c configs/{path.name}" in path.read_text().splitlines()[1]
