@@ -32,24 +32,16 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def round_norms(system, config: TrainConfig, rows, batch_size: int) -> list[dict[int, float]]:
-    """Per batch: round -> ||dL/dM_round||. Input embeddings get gradients so every message carries one."""
-    tables = {id(a.model): a.model.get_input_embeddings() for a in system.agents.values()}
-    for table in tables.values():
-        table.weight.requires_grad_(True)
-    try:
-        objective = UnrolledObjective(system, config)
-        out = []
-        for i in range(0, len(rows), batch_size):
-            result = objective.loss(rows[i : i + batch_size])
-            result.loss.backward()
-            out.append(result.round_grad_norms())
-            for table in tables.values():
-                table.weight.grad = None
-            system.links.zero_grad(set_to_none=True)
-        return out
-    finally:
-        for table in tables.values():
-            table.weight.requires_grad_(False)
+    """Per batch: round -> ||dL/dM_round|| (messages that depend on nothing trainable are leaves
+    requiring grad, so every round is measured, bridges included)."""
+    objective = UnrolledObjective(system, config)
+    out = []
+    for i in range(0, len(rows), batch_size):
+        result = objective.loss(rows[i : i + batch_size])
+        result.loss.backward()
+        out.append(result.round_grad_norms())
+        system.links.zero_grad(set_to_none=True)
+    return out
 
 
 def summarise(per_batch: list[dict[int, float]], rounds: int) -> dict:

@@ -30,7 +30,7 @@ RESULTS = Path(__file__).parent / "results"
 def stage_summary(stage: str, run: Path, config: Path) -> list[str]:
     report = json.loads((run / "report.json").read_text())
     log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines() if x]
-    val = [r["validation_loss"] for r in log if r["kind"] == "validation"]
+    val = [(r["step"], r["validation_loss"]) for r in log if r["kind"] == "validation"]
     raw = yaml.safe_load(config.read_text())
     sources = ", ".join(
         f"{s.get('name') or s['kind']}"
@@ -49,7 +49,8 @@ def stage_summary(stage: str, run: Path, config: Path) -> list[str]:
         f"{report['seconds'] / 60:.1f} min on {report['processes']} CPU process(es) (2 cores), "
         f"peak memory {report['peak_memory_bytes'] / 2**30:.1f} GiB.",
         f"- Trainable parameters: {report['trainable_parameters']:,}.",
-        f"- Validation loss ({what}): {val[0]:.4f} at step 0 -> {val[-1]:.4f} at step {report['steps']}.",
+        f"- Validation loss ({what}): {val[0][1]:.4f} at step {val[0][0]} -> {val[-1][1]:.4f} at step "
+        f"{val[-1][0]}.",
         "",
     ]
 

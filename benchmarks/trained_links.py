@@ -31,7 +31,7 @@ from recursivemas.checkpoint import from_pretrained
 from recursivemas.eval.harness import with_training_free_links
 from recursivemas.train.config import TrainConfig
 from recursivemas.train.data import TrainRow, build_splits
-from recursivemas.train.objectives import UnrolledObjective
+from recursivemas.train.objectives import InnerObjective, UnrolledObjective
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -60,6 +60,18 @@ def answer_ce(objective: UnrolledObjective, rows: list[TrainRow]) -> float:
 def rotated_contexts(rows: list[TrainRow]) -> list[TrainRow]:
     """The same relay questions with each planner context taken from the next row (another fact)."""
     return [dataclasses.replace(r, context=rows[(i + 1) % len(rows)].context) for i, r in enumerate(rows)]
+
+
+def inner_loss(system, config_path: str, rows: list[TrainRow]) -> float:
+    """The inner stage's validation loss (sum over agents of mean 1 - cos) on ``rows``."""
+    objective = InnerObjective(system, TrainConfig.load(config_path))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(rows), 16):
+            out = objective.loss(rows[i : i + 16])
+            total += float(out.loss) * out.count
+            count += out.count
+    return total / count
 
 
 def measure(system, config: TrainConfig, rows: list[TrainRow], rounds: int, steps: int, max_new: int) -> dict:
@@ -103,6 +115,7 @@ def main() -> None:
     parser.add_argument("--preset", default="smollm2-gemma3")
     parser.add_argument("--links", help="trained link checkpoint (default: the preset's shipped links)")
     parser.add_argument("--config", default="configs/default-outer.yaml")
+    parser.add_argument("--inner-config", default="configs/default-inner.yaml")
     parser.add_argument("--settings", default="2x8,3x16", help="comma-separated ROUNDSxLATENT_STEPS")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--output", default=str(RESULTS / "trained_links.json"))
@@ -113,6 +126,11 @@ def main() -> None:
     trained = from_pretrained(args.links, agents=list(base.agents.values())) if args.links else base
     systems = {"trained": trained, "training-free": with_training_free_links(trained)}
     record: dict = {"preset": args.preset, "links": args.links or "shipped", "rows": len(rows), "results": {}}
+    inner_rows = build_splits(TrainConfig.load(args.inner_config).data).validation
+    record["inner_validation_loss"] = {
+        n: inner_loss(s, args.inner_config, inner_rows) for n, s in systems.items()
+    }
+    print("inner validation loss", record["inner_validation_loss"], flush=True)
     for setting in args.settings.split(","):
         rounds, steps = (int(x) for x in setting.split("x"))
         for name, system in systems.items():

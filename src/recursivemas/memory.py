@@ -6,6 +6,7 @@ and read at the end, so the peak is exact; elsewhere the resident set size is sa
 
 from __future__ import annotations
 
+import os
 import resource
 import threading
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 def rss_bytes() -> int:
     """Current resident set size (process-wide peak where /proc is missing)."""
     try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 

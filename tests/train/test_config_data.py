@@ -74,6 +74,8 @@ def test_both_row_formats_from_jsonl_and_parquet(tmp_path):
 def test_renamed_columns_and_bad_rows(tmp_path):
     row = parse_row({"problem": "Q?", "solution": "A"}, "r", {"question": "problem", "answer": "solution"})
     assert (row.question, row.answer) == ("Q?", "A")
+    both = {"question": "Q?", "answer": "a long rationale ... 42", "final": "42"}
+    assert parse_row(both, "r", {"answer": "final"}).answer == "42"  # the renamed column wins
     with pytest.raises(InputError, match="missing 'answer'"):
         parse_row({"question": "Q?"}, "row 3")
     with pytest.raises(InputError, match="'plan' must be a non-empty string"):
@@ -105,6 +107,13 @@ def test_generated_splits_are_disjoint_seeded_and_refuse_gsm_symbolic():
     assert build_splits(data.model_copy(update={"seed": 1})).train != splits.train
     with pytest.raises(ConfigError, match="reserved for evaluation"):
         build_splits(DataSection(sources=[SourceSpec(kind="reasoning-gym", name="gsm_symbolic", n=5)]))
+
+
+def test_validation_shares_sum_to_the_request():
+    data = DataSection(
+        sources=[SourceSpec(kind="relay", level=1, n=5), SourceSpec(kind="relay", level=2, n=5)], validation=1
+    )
+    assert len(build_splits(data).validation) == 1
 
 
 def test_file_split_holds_out_the_tail(tmp_path):

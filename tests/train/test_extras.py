@@ -52,18 +52,11 @@ def test_bridged_system_runs_and_passes_gradients(tiny_system, make_config):
     assert all(isinstance(link, SoftmaxBridge) for group in bridged.links.values() for link in group.values())
     result = bridged.run(["What is 2 plus 2?"], latent_steps=3, rounds=2)[0]
     assert result.text is not None
-    embeddings = {id(a.model): a.model.get_input_embeddings() for a in bridged.agents.values()}
-    for table in embeddings.values():
-        table.weight.requires_grad_(True)
-    try:
-        rows = build_splits(make_config().data).train[:2]
-        out = UnrolledObjective(bridged, make_config()).loss(rows)
-        out.loss.backward()
-        assert set(out.round_grad_norms()) == {1, 2}
-    finally:
-        for table in embeddings.values():
-            table.weight.requires_grad_(False)
-            table.weight.grad = None
+    rows = build_splits(make_config().data).train[:2]
+    out = UnrolledObjective(bridged, make_config()).loss(rows)
+    out.loss.backward()  # the bridges have no weights: the messages themselves carry the gradient
+    norms = out.round_grad_norms()
+    assert set(norms) == {1, 2} and all(v > 0 for v in norms.values())
 
 
 def test_bfloat16_link_checkpoint_round_trip(tiny_system, tmp_path):

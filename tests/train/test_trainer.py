@@ -68,6 +68,8 @@ def test_full_training_moves_backbone_weights(make_config):
     after = _model_state(trainer)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert report.trainable_parameters > 5 * report.frozen_parameters
+    saved = Path(report.output) / "final" / "agents"
+    assert {p.name for p in saved.iterdir()} == set(trainer.system.agents)  # the fine-tuned weights
 
 
 def test_outer_training_lowers_the_loss_and_writes_outputs(make_config):
@@ -98,8 +100,20 @@ def test_existing_checkpoints_need_resume_and_the_same_config(make_config):
         Trainer(make_config()).run()
     with pytest.raises(CheckpointError, match=r"\['objective'\]"):
         Trainer(make_config(objective={"intermediate_weight": 0.5})).run(resume=True)
+    with pytest.raises(CheckpointError, match=r"\['optim'\]"):
+        Trainer(make_config(optim={"lr": 1e-3})).run(resume=True)
     resumed = Trainer(make_config(optim={"max_steps": 6}))
     assert resumed.run(resume=True).steps == 6
+
+
+def test_a_fresh_run_starts_a_fresh_log(make_config):
+    cfg = make_config(optim={"max_steps": 2})
+    log = Path(cfg.run.output) / "train_log.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text('{"kind": "train", "step": 7, "loss": 1.0}\n{"kind": "tra')  # stale, cut short
+    Trainer(cfg).run()
+    steps = [json.loads(x)["step"] for x in log.read_text().splitlines() if '"train"' in x]
+    assert steps == [1, 2]
 
 
 def test_resume_rejects_a_corrupt_checkpoint_and_cleans_partial_ones(make_config):

@@ -118,7 +118,8 @@ class ObjectiveSection(_Section):
     ``precompute`` caches the frozen backbone's hidden states once and trains on them.
     Outer stage: ``outer`` = ``unrolled`` (paper: real latent rollouts, answer CE of the last round) or
     ``teacher-forced`` (release: reference texts' hidden states as latent sources); with
-    ``intermediate_weight > 0`` the answer CE of earlier rounds is added with that weight.
+    ``intermediate_weight > 0`` the answer CE of earlier rounds is added with that weight. The
+    teacher-forced objective runs one round (see ``TeacherForcedObjective``).
     """
 
     positions: Literal["answer", "all"] = "answer"
@@ -126,7 +127,7 @@ class ObjectiveSection(_Section):
     outer: Literal["unrolled", "teacher-forced"] = "unrolled"
     intermediate_weight: float = Field(default=0.0, ge=0.0)
     teacher_fields: dict[str, str] = Field(
-        default_factory=lambda: {"planner": "plan", "critic": "refined_plan", "solver": "answer"},
+        default_factory=lambda: {"planner": "plan", "critic": "refined_plan"},
         description="agent -> row field whose text stands in for that agent's latent thoughts",
     )
     teacher_positions: int = Field(default=80, ge=1)
@@ -190,7 +191,7 @@ class TrainConfig(_Section):
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config", **overrides: object) -> TrainConfig:
-        raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+        raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items() if v is not None}
         for key in ("stage", "trainable"):
             if overrides.get(key) is not None:
                 raw[key] = overrides[key]

@@ -59,8 +59,9 @@ def parse_row(raw: object, where: str, rename: dict[str, str] | None = None) -> 
     if not isinstance(raw, dict):
         raise InputError(f"{where}: a row must be an object with 'question' and 'answer'")
     rename = rename or {}
-    row = {ours: raw.get(theirs) for ours, theirs in rename.items()} | {
-        k: v for k, v in raw.items() if k not in rename.values()
+    # renamed columns win over columns that already carry our names (e.g. a long 'answer' rationale)
+    row = {k: v for k, v in raw.items() if k not in rename} | {
+        ours: raw.get(theirs) for ours, theirs in rename.items()
     }
     for key in ("question", "answer"):
         if key not in row or row[key] is None:
@@ -200,12 +201,14 @@ def _key(row: TrainRow) -> str:
 
 
 def _shares(total: int, sizes: list[int]) -> list[int]:
-    """Split ``total`` validation rows over sources in proportion to ``sizes`` (each source >= 1 if any)."""
-    if total == 0:
-        return [0] * len(sizes)
+    """Split ``total`` validation rows over sources in proportion to ``sizes`` (largest remainders);
+    the shares always sum to ``total``."""
     whole = sum(sizes)
-    shares = [max(1, round(total * s / whole)) for s in sizes]
-    shares[-1] = max(1, total - sum(shares[:-1]))
+    exact = [total * s / whole for s in sizes]
+    shares = [int(x) for x in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: exact[i] - shares[i], reverse=True)
+    for i in by_remainder[: total - sum(shares)]:
+        shares[i] += 1
     return shares
 
 

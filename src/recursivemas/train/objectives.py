@@ -40,8 +40,9 @@ class LossOutput:
     """A scalar loss to backpropagate and what to log.
 
     Attributes:
-        loss: scalar tensor (mean over the batch's target positions).
-        count: number of target positions (tokens) the mean is over.
+        loss: scalar tensor: the mean over the batch's target positions (outer objectives), or the sum
+            over agents of each agent's mean (inner objective).
+        count: number of target positions (tokens; summed over agents for the inner objective).
         metrics: extra floats (per-agent losses, ...).
         round_grads: filled during ``backward()``: round -> squared norm of dL/dM_round.
     """
@@ -195,6 +196,11 @@ class InnerObjective:
         answer_next[:, seq.prompt_width :] = seq.target_mask
         return nxt & answer_next[:, 1:]
 
+    def warm(self, rows: Sequence[TrainRow], keys: Sequence[int]) -> None:
+        """Compute and cache the examples of ``rows`` (under ``keys``) for every agent, as one batch."""
+        for agent in self.system.agents.values():
+            self._cached(agent, rows, keys)
+
     def _cached(self, agent: Agent, rows: Sequence[TrainRow], keys: Sequence[int]) -> list[InnerExample]:
         missing = [i for i, k in enumerate(keys) if (agent.name, k) not in self._cache]
         if missing:
@@ -263,6 +269,14 @@ class OuterObjective:
         return maybe_checkpoint(self.checkpointing, ce, batch.embeds), count
 
     @staticmethod
+    def _leaf(message: torch.Tensor) -> torch.Tensor:
+        """A message that depends on nothing trainable (e.g. round 1's first sender with frozen links)
+        becomes a leaf requiring grad, so its gradient norm is still recorded."""
+        if torch.is_grad_enabled() and not message.requires_grad:
+            return message.detach().requires_grad_()
+        return message
+
+    @staticmethod
     def track(out: LossOutput, round_: int, tensors: Sequence[torch.Tensor]) -> None:
         """Accumulate ||dL/dM||² of this round's messages into ``out.round_grads`` during backward."""
         for t in tensors:
@@ -294,7 +308,7 @@ class OuterObjective:
                         final_loss, count = ce / n, n
                         break
                     extra.append(ce / n)
-                messages[name] = self.source(name, round_, rows, batch)
+                messages[name] = [self._leaf(t) for t in self.source(name, round_, rows, batch)]
                 pending.append((round_, messages[name]))
         loss = final_loss
         metrics = {"answer_ce": float(final_loss.detach())}
@@ -326,18 +340,25 @@ class UnrolledObjective(OuterObjective):
 class TeacherForcedObjective(OuterObjective):
     """Release: agent ``a`` reads its prompt then the reference text ``row[teacher_fields[a]]``; the
     last-layer hidden states of the first ``teacher_positions`` reference tokens stand in for its latent
-    thoughts ``H``, and ``R_in(H)`` is its message."""
+    thoughts ``H``, and ``R_in(H)`` is its message.
+
+    One round: every agent that feeds the answerer speaks once, then the answerer's answer CE. More
+    rounds would feed the answerer's own reference text (the gold answer) back into the graph and let
+    the loss fall by copying it, so feedback edges are trained by the unrolled objective only.
+    """
 
     def __init__(self, system: RecursiveMAS, config: TrainConfig) -> None:
         super().__init__(system, config)
+        self.rounds = 1
+        self.intermediate_weight = 0.0
         self.fields = config.objective.teacher_fields
         self.positions = config.objective.teacher_positions
-        senders = {e.src for e in system.config.edges}
+        senders = set(system.config.schedule(1, 1)) - {system.config.answerer}
         missing = sorted(senders - set(self.fields))
         if missing:
             raise InputError(
                 f"objective.teacher_fields has no reference text for agents {missing}; map each "
-                f"sending agent to a row field (plan, refined_plan or answer)"
+                f"agent that speaks before the answerer to a row field (plan or refined_plan)"
             )
 
     def source(

@@ -83,9 +83,19 @@ def save_state(root: Path, state: TrainState, keep: int) -> Path:
     os.replace(tmp, final)
     _fsync_dir(root)
     atomic_write(root / LATEST, lambda p: p.write_text(name + "\n"))
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+    others = sorted((_step_of(p), p) for p in root.glob("step-*") if p.is_dir() and p != final)
+    orphans = [p for step, p in others if step > state.step]  # left by a killed run with other settings
+    older = [p for step, p in others if step < state.step]
+    for old in orphans + older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name.split("-", 1)[1])
+    except ValueError:
+        return -1
 
 
 def clean_partial(root: Path) -> None:

@@ -34,6 +34,7 @@ from transformers import get_cosine_schedule_with_warmup
 from recursivemas.agent import Agent
 from recursivemas.checkpoint import from_pretrained
 from recursivemas.errors import CheckpointError, ConfigError
+from recursivemas.fileio import atomic_write
 from recursivemas.loading import DTYPES
 from recursivemas.memory import PeakMemory
 from recursivemas.models import load_model
@@ -43,14 +44,14 @@ from recursivemas.system import RecursiveMAS
 from recursivemas.train.config import SystemSection, TrainConfig
 from recursivemas.train.curves import plot_curves
 from recursivemas.train.data import Splits, TrainRow, build_splits
-from recursivemas.train.objectives import LossOutput, build_objective
+from recursivemas.train.objectives import InnerObjective, LossOutput, build_objective
 from recursivemas.train.state import TrainState, clean_partial, latest_checkpoint, load_state, save_state
 
 logger = logging.getLogger(__name__)
 LOG_NAME = "train_log.jsonl"
 REPORT_NAME = "report.json"
 VALIDATION_KEY_OFFSET = 1 << 40  # precomputed-state keys of validation rows never clash with training rows
-RESUME_INVARIANT = ("stage", "trainable", "system", "data", "objective")
+RESUME_INVARIANT = ("stage", "trainable", "system", "data", "objective", "optim", "seed", "processes")
 
 
 # --- building ----------------------------------------------------------------------------------------
@@ -196,8 +197,13 @@ class Trainer:
     # --- checkpoints -----------------------------------------------------------------------------
 
     def _resume_config(self) -> dict:
+        """Everything a step's rows and update depend on (``optim.max_steps`` may change on resume)."""
         dump = self.config.model_dump(mode="json")
-        return {k: dump[k] for k in RESUME_INVARIANT}
+        record = {k: dump[k] for k in ("stage", "trainable", "system", "data", "objective")}
+        record["optim"] = {k: v for k, v in dump["optim"].items() if k != "max_steps"}
+        record["seed"] = self.config.run.seed
+        record["processes"] = self.accelerator.num_processes
+        return record
 
     def save(self) -> None:
         if self.main:
@@ -238,6 +244,10 @@ class Trainer:
         self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
         self.step = state.step
+        if self.step > self.config.optim.max_steps:
+            raise CheckpointError(
+                f"{path} is at step {self.step}, past optim.max_steps = {self.config.optim.max_steps}"
+            )
         if self.main:
             _truncate_log(self.output / LOG_NAME, self.step)
         return True
@@ -259,6 +269,7 @@ class Trainer:
             for k, v in out.round_grad_norms().items():
                 rounds[k] = rounds.get(k, 0.0) + v / cfg.grad_accum
         self._average_gradients()
+        lr = self.scheduler.get_last_lr()[0]  # the rate this update uses
         grad_norms = {
             group: float(nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip is not None else math.inf))
             for group, params in self.groups.items()
@@ -271,7 +282,7 @@ class Trainer:
             "kind": "train",
             "step": self.step,
             "loss": self._mean(sum(losses) / len(losses)),
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": lr,
             "grad_norm": grad_norms,
             **{k: self._mean(v) for k, v in metrics.items()},
             "seconds": time.perf_counter() - start,
@@ -286,16 +297,21 @@ class Trainer:
             return
         by_device: dict[torch.device, list[nn.Parameter]] = {}
         for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
             by_device.setdefault(p.device, []).append(p)
         for params in by_device.values():
-            flat = torch.cat([p.grad.flatten().float() for p in params])
+            had = torch.tensor(
+                [p.grad is not None for p in params], dtype=torch.float32, device=params[0].device
+            )
+            had = self.accelerator.reduce(had, reduction="sum")  # how many processes produced each gradient
+            flat = torch.cat(
+                [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in params]
+            )
             flat = self.accelerator.reduce(flat, reduction="mean")
             offset = 0
-            for p in params:
+            for p, count in zip(params, had.tolist(), strict=True):
                 n = p.numel()
-                p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+                # a tensor no process reached keeps grad None, as in one process (AdamW then skips it)
+                p.grad = flat[offset : offset + n].view_as(p).to(p.dtype) if count else None
                 offset += n
 
     def _mean(self, value: float) -> float:
@@ -339,8 +355,11 @@ class Trainer:
                     f"{self.output} already holds checkpoints; pass --resume to continue, or another --output"
                 )
         self.accelerator.wait_for_everyone()
-        if resume:
-            self.resume()
+        resumed = self.resume() if resume else False
+        if self.main and not resumed:
+            (self.output / LOG_NAME).unlink(missing_ok=True)  # a fresh run starts a fresh log
+        if isinstance(self.objective, InnerObjective):
+            self._precompute()
         start = time.perf_counter()
         with PeakMemory(self.accelerator.device) as memory:
             last, validation = self._loop()
@@ -372,6 +391,17 @@ class Trainer:
                 self.save()
         bar.close()
         return last, validation
+
+    def _precompute(self) -> None:
+        """Cache the frozen hidden states of every row in fixed index order, so the cached values (and
+        hence a resumed run) do not depend on which batches first met each row."""
+        if not self.config.objective.precompute:
+            return
+        bs = self.config.optim.batch_size
+        for rows, offset in ((self.splits.train, 0), (self.splits.validation, VALIDATION_KEY_OFFSET)):
+            for i in range(0, len(rows), bs):
+                keys = list(range(i, min(i + bs, len(rows))))
+                self.objective.warm([rows[k] for k in keys], [offset + k for k in keys])
 
     def _validate(self, log: _LogWriter, history: list[dict]) -> None:
         value = self.validate()
@@ -406,10 +436,21 @@ class Trainer:
             logger.warning("processes ended with different trainable weights: %s", report.replica_digests)
         if self.main:
             self.system.save_pretrained(str(self.output / "final"), self.command)
+            if self.config.trainable == "full":
+                self._save_agents(self.output / "final" / "agents")
             (self.output / REPORT_NAME).write_text(json.dumps(asdict(report), indent=2) + "\n")
             plot_curves(self.output / LOG_NAME, self.output / "curves.png", f"{self.config.stage} stage")
         self.accelerator.wait_for_everyone()
         return report
+
+    def _save_agents(self, root: Path) -> None:
+        """Full fine-tuning: each fine-tuned model (once per shared model) as a HuggingFace folder."""
+        seen: set[int] = set()
+        for name, agent in self.system.agents.items():
+            if id(agent.model) not in seen:
+                seen.add(id(agent.model))
+                agent.model.save_pretrained(root / name)
+                agent.tokenizer.save_pretrained(root / name)
 
     def _replica_digests(self) -> list[str]:
         """SHA-256 of this process's trainable tensors, from every process (all equal when in sync)."""
@@ -436,11 +477,18 @@ class _LogWriter:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past ``step`` (written after the checkpoint a resumed run restarts from)."""
+    """Drop log lines past ``step`` (written after the checkpoint a resumed run restarts from) and any
+    line cut short by a kill."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
 
 
 def _available_trackers(names: Sequence[str]) -> list[str]:
