@@ -79,6 +79,23 @@ def held_out_table() -> list[str]:
         "context holds another row's fact, minus the same with the true fact: only the planner sees the",
         "fact, so a positive gap means the latent messages carry it to the solver.",
     ]
+    gaps = [abs(r["relay_information_nats"]) for r in record["results"].values()]
+    if max(gaps) < 0.01:
+        lines += [
+            "",
+            f"**Limitation:** every gap is within {max(gaps):.3f} nats of zero, so these links do *not*",
+            "carry the relay fact from the planner to the solver. What they learned is the answer format",
+            "and some arithmetic (answer CE and accuracy above). With these bundled models the text",
+            "hand-off does not carry it either (0% relay accuracy in every mode in",
+            "`benchmarks/results/eval/relay`).",
+        ]
+    inner = record.get("inner_validation_loss")
+    if inner:
+        lines += [
+            "",
+            f"Inner-stage validation loss on the same rows: trained {inner['trained']:.3f}, "
+            f"training-free {inner['training-free']:.3f}.",
+        ]
     return [*lines, ""]
 
 
