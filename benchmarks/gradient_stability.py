@@ -49,6 +49,7 @@ def summarise(per_batch: list[dict[int, float]], rounds: int) -> dict:
     return {
         "round_grad_norm_mean": {k: statistics.mean(b[k] for b in per_batch) for k in range(1, rounds + 1)},
         "ratio_round1_over_last": statistics.mean(ratios),
+        "ratio_round1_over_last_median": statistics.median(ratios),
         "ratio_per_batch": ratios,
     }
 
@@ -87,11 +88,12 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "gradient_stability.json").write_text(json.dumps(record, indent=2) + "\n")
     header = " | ".join(f"round {k}" for k in range(1, args.rounds + 1))
-    print(f"| links | {header} | round 1 / round {args.rounds} |")
-    print("|---|" + "---|" * (args.rounds + 1))
+    print(f"| links | {header} | round 1 / round {args.rounds} (mean) | (median) |")
+    print("|---|" + "---|" * (args.rounds + 2))
     for name, r in results.items():
         norms = " | ".join(f"{r['round_grad_norm_mean'][k]:.3g}" for k in range(1, args.rounds + 1))
-        print(f"| {name} | {norms} | {r['ratio_round1_over_last']:.3g} |")
+        mean, median = r["ratio_round1_over_last"], r["ratio_round1_over_last_median"]
+        print(f"| {name} | {norms} | {mean:.3g} | {median:.3g} |")
 
 
 if __name__ == "__main__":
