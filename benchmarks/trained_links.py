@@ -23,15 +23,13 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from recursivemas import build_preset
 from recursivemas.agent import GenerationConfig
 from recursivemas.checkpoint import from_pretrained
 from recursivemas.eval.harness import with_training_free_links
 from recursivemas.train.config import TrainConfig
 from recursivemas.train.data import TrainRow, build_splits
-from recursivemas.train.objectives import InnerObjective, UnrolledObjective
+from recursivemas.train.objectives import InnerObjective, UnrolledObjective, loss_totals
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -48,12 +46,7 @@ def same_answer(predicted: str | None, gold: str) -> bool:
 
 def answer_ce(objective: UnrolledObjective, rows: list[TrainRow]) -> float:
     """Token-weighted mean answer cross-entropy of the last round."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(rows), 8):
-            out = objective.loss(rows[i : i + 8])
-            total += float(out.loss) * out.count
-            count += out.count
+    total, count = loss_totals(objective, rows, 8)
     return total / count
 
 
@@ -64,13 +57,7 @@ def rotated_contexts(rows: list[TrainRow]) -> list[TrainRow]:
 
 def inner_loss(system, config_path: str, rows: list[TrainRow]) -> float:
     """The inner stage's validation loss (sum over agents of mean 1 - cos) on ``rows``."""
-    objective = InnerObjective(system, TrainConfig.load(config_path))
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(rows), 16):
-            out = objective.loss(rows[i : i + 16])
-            total += float(out.loss) * out.count
-            count += out.count
+    total, count = loss_totals(InnerObjective(system, TrainConfig.load(config_path)), rows, 16)
     return total / count
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -45,3 +49,21 @@ def tiny_system():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def accelerate_cpu_launch(processes: int, *args: str) -> list[str]:
+    """``accelerate launch --cpu --num_processes N -m recursivemas ARGS`` with every launcher default
+    given (no warnings), as users run it."""
+    return [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--cpu",
+        f"--num_processes={processes}",
+        "--num_machines=1",
+        "--mixed_precision=no",
+        "--dynamo_backend=no",
+        f"--main_process_port={29500 + os.getpid() % 1000}",
+        "-m",
+        "recursivemas",
+        *args,
+    ]

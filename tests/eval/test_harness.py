@@ -3,7 +3,6 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from recursivemas.eval.harness import (
     summarize,
 )
 from recursivemas.eval.tasks import load_task
+from tests.conftest import accelerate_cpu_launch
 
 FAST = [
     "--preset",
@@ -98,27 +98,7 @@ def test_sharded_run_matches_single_process(tmp_path, temperature):
     args = ["--task", "relay:1", "--limit", "5", "--modes", "single,latent", "--temperature", temperature]
     single = _eval(tmp_path, "one", *args)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "recursivemas",
-        "eval",
-        *FAST,
-        *args,
-        "--output",
-        str(tmp_path / "two"),
-    ]
+    cmd = accelerate_cpu_launch(2, "eval", *FAST, *args, "--output", str(tmp_path / "two"))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     sharded = json.loads((tmp_path / "two" / "summary.json").read_text())

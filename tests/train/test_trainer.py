@@ -21,6 +21,7 @@ from recursivemas.checkpoint import from_pretrained
 from recursivemas.errors import CheckpointError, ConfigError
 from recursivemas.train.state import latest_checkpoint
 from recursivemas.train.trainer import Trainer
+from tests.conftest import accelerate_cpu_launch
 from tests.train.conftest import TINY
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -192,26 +193,7 @@ def test_accelerate_launch_cpu_two_processes_end_identical(tmp_path):
     raw["optim"]["max_steps"] = 3
     config.write_text(yaml.safe_dump(raw))
     result = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "accelerate"),
-            "launch",
-            "--cpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            "29517",
-            "-m",
-            "recursivemas",
-            "train",
-            "-c",
-            str(config),
-        ],
+        accelerate_cpu_launch(2, "train", "-c", str(config)),
         env=ENV,
         capture_output=True,
         text=True,

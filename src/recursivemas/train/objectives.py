@@ -387,6 +387,22 @@ class TeacherForcedObjective(OuterObjective):
         return [embeds[i, :n] for i, n in enumerate(lengths)]
 
 
+@torch.no_grad()
+def loss_totals(
+    objective: InnerObjective | OuterObjective,
+    rows: Sequence[TrainRow],
+    batch_size: int,
+    keys: Sequence[int] | None = None,
+) -> tuple[float, int]:
+    """(sum of loss x count, count) over ``rows`` in batches: the token-weighted mean is their ratio."""
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        out = objective.loss(rows[i : i + batch_size], None if keys is None else keys[i : i + batch_size])
+        total += float(out.loss) * out.count
+        count += out.count
+    return total, count
+
+
 def build_objective(system: RecursiveMAS, config: TrainConfig) -> InnerObjective | OuterObjective:
     if config.stage == "inner":
         return InnerObjective(system, config)

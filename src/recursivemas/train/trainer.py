@@ -44,7 +44,7 @@ from recursivemas.system import RecursiveMAS
 from recursivemas.train.config import SystemSection, TrainConfig
 from recursivemas.train.curves import plot_curves
 from recursivemas.train.data import Splits, TrainRow, build_splits
-from recursivemas.train.objectives import InnerObjective, LossOutput, build_objective
+from recursivemas.train.objectives import InnerObjective, LossOutput, build_objective, loss_totals
 from recursivemas.train.state import TrainState, clean_partial, latest_checkpoint, load_state, save_state
 
 logger = logging.getLogger(__name__)
@@ -320,26 +320,20 @@ class Trainer:
         t = torch.tensor(value, dtype=torch.float64, device=self.accelerator.device)
         return float(self.accelerator.reduce(t, reduction="mean"))
 
-    @torch.no_grad()
     def validate(self) -> float | None:
         """Loss over the validation rows, weighted by target positions, summed over processes."""
         rows = self.splits.validation
         if not rows:
             return None
-        world, rank, bs = (
-            self.accelerator.num_processes,
-            self.accelerator.process_index,
+        mine = list(range(self.accelerator.process_index, len(rows), self.accelerator.num_processes))
+        part = loss_totals(
+            self.objective,
+            [rows[j] for j in mine],
             self.config.optim.batch_size,
+            [VALIDATION_KEY_OFFSET + j for j in mine],
         )
-        mine = list(range(rank, len(rows), world))
-        total = torch.zeros(2, dtype=torch.float64, device=self.accelerator.device)
-        for i in range(0, len(mine), bs):
-            ids = mine[i : i + bs]
-            out = self.objective.loss([rows[j] for j in ids], [VALIDATION_KEY_OFFSET + j for j in ids])
-            total += torch.tensor(
-                [float(out.loss) * out.count, out.count], dtype=torch.float64, device=total.device
-            )
-        if world > 1:
+        total = torch.tensor(part, dtype=torch.float64, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
             total = self.accelerator.reduce(total, reduction="sum")
         return float(total[0] / total[1])
 
