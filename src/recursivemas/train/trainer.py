@@ -387,14 +387,24 @@ class Trainer:
         return last, validation
 
     def _precompute(self) -> None:
-        """Cache the frozen hidden states of every row in fixed index order, so the cached values (and
-        hence a resumed run) do not depend on which batches first met each row."""
+        """Cache the frozen hidden states of the rows this run will use, in fixed index blocks of
+        ``batch_size``, so cached values (and hence a resumed run) do not depend on which batch first
+        met each row."""
         if not self.config.objective.precompute:
             return
-        bs = self.config.optim.batch_size
-        for rows, offset in ((self.splits.train, 0), (self.splits.validation, VALIDATION_KEY_OFFSET)):
-            for i in range(0, len(rows), bs):
-                keys = list(range(i, min(i + bs, len(rows))))
+        opt, world = self.config.optim, self.accelerator.num_processes
+        used = {self.order[k] for k in range(opt.max_steps * opt.grad_accum * world * opt.batch_size)}
+        blocks = [
+            (self.splits.train, 0, sorted({i // opt.batch_size for i in used})),
+            (
+                self.splits.validation,
+                VALIDATION_KEY_OFFSET,
+                range(-(-len(self.splits.validation) // opt.batch_size)),
+            ),
+        ]
+        for rows, offset, indices in blocks:
+            for block in indices:
+                keys = list(range(block * opt.batch_size, min((block + 1) * opt.batch_size, len(rows))))
                 self.objective.warm([rows[k] for k in keys], [offset + k for k in keys])
 
     def _validate(self, log: _LogWriter, history: list[dict]) -> None:
