@@ -352,10 +352,10 @@ class Trainer:
         resumed = self.resume() if resume else False
         if self.main and not resumed:
             (self.output / LOG_NAME).unlink(missing_ok=True)  # a fresh run starts a fresh log
-        if isinstance(self.objective, InnerObjective):
-            self._precompute()
         start = time.perf_counter()
         with PeakMemory(self.accelerator.device) as memory:
+            if isinstance(self.objective, InnerObjective):
+                self._precompute()  # counted in the run's time and memory
             last, validation = self._loop()
         report = self._finish(last, validation, time.perf_counter() - start, memory)
         self.accelerator.end_training()
@@ -387,25 +387,20 @@ class Trainer:
         return last, validation
 
     def _precompute(self) -> None:
-        """Cache the frozen hidden states of the rows this run will use, in fixed index blocks of
-        ``batch_size``, so cached values (and hence a resumed run) do not depend on which batch first
-        met each row."""
+        """Cache the frozen hidden states of the rows this run uses, in fixed chunks of ``batch_size``
+        along the first epoch's order (every row appears in it), so cached values, and hence a resumed
+        run, do not depend on which batch first met each row."""
         if not self.config.objective.precompute:
             return
         opt, world = self.config.optim, self.accelerator.num_processes
-        used = {self.order[k] for k in range(opt.max_steps * opt.grad_accum * world * opt.batch_size)}
-        blocks = [
-            (self.splits.train, 0, sorted({i // opt.batch_size for i in used})),
-            (
-                self.splits.validation,
-                VALIDATION_KEY_OFFSET,
-                range(-(-len(self.splits.validation) // opt.batch_size)),
-            ),
-        ]
-        for rows, offset, indices in blocks:
-            for block in indices:
-                keys = list(range(block * opt.batch_size, min((block + 1) * opt.batch_size, len(rows))))
-                self.objective.warm([rows[k] for k in keys], [offset + k for k in keys])
+        train, val, bs = self.splits.train, self.splits.validation, opt.batch_size
+        first_epoch = min(len(train), opt.max_steps * opt.grad_accum * world * bs)
+        for start in range(0, first_epoch, bs):
+            ids = [self.order[k] for k in range(start, min(start + bs, len(train)))]
+            self.objective.warm([train[i] for i in ids], ids)
+        for start in range(0, len(val), bs):
+            ids = list(range(start, min(start + bs, len(val))))
+            self.objective.warm([val[i] for i in ids], [VALIDATION_KEY_OFFSET + i for i in ids])
 
     def _validate(self, log: _LogWriter, history: list[dict]) -> None:
         value = self.validate()
