@@ -211,6 +211,16 @@ def from_pretrained(
     return system
 
 
+def load_links(system: RecursiveMAS, directory: str | os.PathLike) -> RecursiveMAS:
+    """Replace ``system``'s links by those saved in ``directory`` for the same agents (checked as in
+    ``from_pretrained``); the system keeps its own rounds and latent steps. Returns ``system``."""
+    saved = from_pretrained(directory, agents=list(system.agents.values()))
+    for group in saved.links.values():
+        for link in group.values():
+            system.set_link(link)
+    return system
+
+
 def _load_recorded_agent(record: dict, dtype: torch.dtype, device: str) -> Agent:
     if not record.get("model"):
         raise CheckpointError(

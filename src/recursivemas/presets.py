@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from recursivemas.agent import Agent
-from recursivemas.checkpoint import from_pretrained
+from recursivemas.checkpoint import load_links
 from recursivemas.errors import ConfigError
 from recursivemas.models import load_model
 from recursivemas.patterns import sequential
@@ -37,29 +37,34 @@ class Preset:
     links: Path | None = None
 
 
+def build_sequential(
+    agents: dict[str, str],
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    init: str = "training-free",
+    rounds: int = 3,
+    latent_steps: int = 16,
+    links: str | Path | None = None,
+) -> RecursiveMAS:
+    """Planner -> critic -> solver over ``agents`` (role -> model spec; a spec named twice is loaded
+    once and shared). ``init == "trained"`` loads the link checkpoint ``links``."""
+    if init == TRAINED and links is None:
+        raise ConfigError("this preset ships no trained links; use init 'training-free'")
+    loaded = {spec: load_model(spec, dtype, device) for spec in dict.fromkeys(agents.values())}
+    built = [
+        Agent(name=role, model=loaded[spec][0], tokenizer=loaded[spec][1], model_id=spec)
+        for role, spec in agents.items()
+    ]
+    system = sequential(
+        *built, rounds=rounds, latent_steps=latent_steps, init="identity" if init == TRAINED else init
+    )
+    return load_links(system, links) if init == TRAINED else system
+
+
 def _sequential_preset(agents: dict[str, str], links: Path | None = None) -> Callable[..., RecursiveMAS]:
-    def build(
-        dtype: torch.dtype = torch.float32,
-        device: str = "cpu",
-        init: str | None = None,
-        rounds: int = 3,
-        latent_steps: int = 16,
-    ) -> RecursiveMAS:
-        init = init or (TRAINED if links is not None else "training-free")
-        if init == TRAINED and links is None:
-            raise ConfigError("this preset ships no trained links; use init 'training-free'")
-        loaded = {spec: load_model(spec, dtype, device) for spec in dict.fromkeys(agents.values())}
-        built = [
-            Agent(name=role, model=loaded[spec][0], tokenizer=loaded[spec][1], model_id=spec)
-            for role, spec in agents.items()
-        ]  # agents on the same model share its weights
-        system = sequential(
-            *built, rounds=rounds, latent_steps=latent_steps, init="identity" if init == TRAINED else init
-        )
-        if init == TRAINED:
-            system = from_pretrained(links, agents=list(system.agents.values()))
-            system.config.rounds, system.config.latent_steps = rounds, latent_steps
-        return system
+    def build(init: str | None = None, **kwargs) -> RecursiveMAS:
+        default = TRAINED if links is not None else "training-free"
+        return build_sequential(agents, init=init or default, links=links, **kwargs)
 
     return build
 

@@ -192,6 +192,14 @@ class RecursiveMAS(nn.Module):
         for link in [*inner.values(), *outer.values()]:
             link.to(self.link_device(link.config))
 
+    def models(self) -> dict[str, Any]:
+        """Each distinct model once, under the name of the first agent using it (agents may share one)."""
+        out: dict[str, Any] = {}
+        for name, agent in self.agents.items():
+            if all(agent.model is not m for m in out.values()):
+                out[name] = agent.model
+        return out
+
     # --- links -----------------------------------------------------------------------------------
 
     def inner(self, agent: str) -> InnerLink:

@@ -28,8 +28,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _model_state(trainer: Trainer) -> dict[str, torch.Tensor]:
-    models = {id(a.model): a.model for a in trainer.system.agents.values()}
-    return {f"{i}.{n}": t.clone() for i, m in models.items() for n, t in m.state_dict().items()}
+    return {
+        f"{a}.{n}": t.clone() for a, m in trainer.system.models().items() for n, t in m.state_dict().items()
+    }
 
 
 @pytest.mark.parametrize("stage", ["inner", "outer"])

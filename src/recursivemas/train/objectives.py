@@ -125,6 +125,16 @@ def answer_ce(agent: Agent, seq: Continued) -> tuple[torch.Tensor, int]:
     return loss, int(seq.target_mask.sum())
 
 
+def last_hidden(agent: Agent, seq: Continued) -> torch.Tensor:
+    """(B, T + L, d) last-layer hidden states of a prompt + target sequence (one pass, no cache)."""
+    return agent.backbone(
+        inputs_embeds=seq.embeds,
+        attention_mask=seq.mask,
+        position_ids=position_ids(seq.mask),
+        use_cache=False,
+    ).last_hidden_state
+
+
 def maybe_checkpoint(enabled: bool, fn: Callable, *args: torch.Tensor):
     """Run ``fn(*args)``, recomputing its activations in backward when ``enabled`` and grads are on."""
     if enabled and torch.is_grad_enabled():
@@ -174,12 +184,7 @@ class InnerObjective:
         batch = agent.encode(prompt_rows(agent, rows, {}))
         texts = [self.answer_format.format(answer=r.answer) for r in rows]
         seq = continue_with(agent, batch, target_ids(agent, texts, self.max_answer_tokens))
-        hidden = agent.backbone(
-            inputs_embeds=seq.embeds,
-            attention_mask=seq.mask,
-            position_ids=position_ids(seq.mask),
-            use_cache=False,
-        ).last_hidden_state  # (B, S, d)
+        hidden = last_hidden(agent, seq)  # (B, S, d)
         valid = self._valid(seq)  # (B, S - 1): position t predicts position t + 1
         targets = seq.embeds[:, 1:]
         return [
@@ -375,12 +380,7 @@ class TeacherForcedObjective(OuterObjective):
 
         def read(embeds: torch.Tensor) -> torch.Tensor:
             seq = continue_with(agent, PromptBatch(embeds, batch.mask, [], []), ids)
-            hidden = agent.backbone(
-                inputs_embeds=seq.embeds,
-                attention_mask=seq.mask,
-                position_ids=position_ids(seq.mask),
-                use_cache=False,
-            ).last_hidden_state[:, seq.prompt_width :]  # (B, L, d) at the reference tokens
+            hidden = last_hidden(agent, seq)[:, seq.prompt_width :]  # (B, L, d) at the reference tokens
             return inner(hidden)  # (B, L, d) float32
 
         embeds = maybe_checkpoint(self.checkpointing, read, batch.embeds)

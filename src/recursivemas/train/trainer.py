@@ -31,15 +31,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from recursivemas.agent import Agent
-from recursivemas.checkpoint import from_pretrained
+from recursivemas.checkpoint import load_links
 from recursivemas.errors import CheckpointError, ConfigError
 from recursivemas.fileio import atomic_write
 from recursivemas.loading import DTYPES
 from recursivemas.memory import PeakMemory
-from recursivemas.models import load_model
-from recursivemas.patterns import sequential
-from recursivemas.presets import build_preset
+from recursivemas.presets import build_preset, build_sequential
 from recursivemas.system import RecursiveMAS
 from recursivemas.train.config import SystemSection, TrainConfig
 from recursivemas.train.curves import plot_curves
@@ -59,32 +56,18 @@ RESUME_INVARIANT = ("stage", "trainable", "system", "data", "objective", "optim"
 
 def build_system(cfg: SystemSection, device: str) -> RecursiveMAS:
     """The system to train on ``device``: links from ``cfg.links`` if given, else from ``cfg.init``."""
-    dtype = DTYPES[cfg.dtype]
-    init = "identity" if cfg.links else cfg.init
+    settings = {
+        "dtype": DTYPES[cfg.dtype],
+        "device": device,
+        "init": "identity" if cfg.links else cfg.init,
+        "rounds": cfg.rounds,
+        "latent_steps": cfg.latent_steps,
+    }
     if cfg.agents is not None:
-        loaded = {spec: load_model(spec, dtype, device) for spec in dict.fromkeys(cfg.agents.values())}
-        agents = {
-            role: Agent(name=role, model=loaded[spec][0], tokenizer=loaded[spec][1], model_id=spec)
-            for role, spec in cfg.agents.items()
-        }
-        system = sequential(
-            agents["planner"], agents["critic"], agents["solver"], cfg.rounds, cfg.latent_steps, init=init
-        )
+        system = build_sequential(cfg.agents, **settings)
     else:
-        system = build_preset(
-            cfg.preset,
-            dtype=dtype,
-            device=device,
-            init=init,
-            rounds=cfg.rounds,
-            latent_steps=cfg.latent_steps,
-        )
-    if cfg.links:
-        saved = from_pretrained(cfg.links, agents=list(system.agents.values()))
-        for group in saved.links.values():
-            for link in group.values():
-                system.set_link(link)
-    return system
+        system = build_preset(cfg.preset, **settings)
+    return load_links(system, cfg.links) if cfg.links else system
 
 
 def select_trainable(system: RecursiveMAS, stage: str, trainable: str) -> dict[str, nn.Parameter]:
@@ -96,11 +79,8 @@ def select_trainable(system: RecursiveMAS, stage: str, trainable: str) -> dict[s
     system.links.requires_grad_(False)
     named = {f"links.{stage}.{n}": p for n, p in system.links[stage].named_parameters()}
     if trainable == "full":
-        seen: set[int] = set()
-        for name, agent in system.agents.items():
-            if id(agent.model) not in seen:
-                seen.add(id(agent.model))
-                named |= {f"agents.{name}.{n}": p for n, p in agent.model.named_parameters()}
+        for name, model in system.models().items():
+            named |= {f"agents.{name}.{n}": p for n, p in model.named_parameters()}
     for p in named.values():
         p.requires_grad_(True)
     return named
@@ -412,8 +392,7 @@ class Trainer:
 
     def _finish(self, last: dict, validation: list[dict], seconds: float, memory: PeakMemory) -> TrainReport:
         trainable = sum(p.numel() for p in self.params)
-        frozen_models = {id(a.model): a.model for a in self.system.agents.values()}
-        everything = sum(p.numel() for m in frozen_models.values() for p in m.parameters())
+        everything = sum(p.numel() for m in self.system.models().values() for p in m.parameters())
         everything += sum(p.numel() for p in self.system.links.parameters())
         report = TrainReport(
             stage=self.config.stage,
@@ -444,12 +423,9 @@ class Trainer:
 
     def _save_agents(self, root: Path) -> None:
         """Full fine-tuning: each fine-tuned model (once per shared model) as a HuggingFace folder."""
-        seen: set[int] = set()
-        for name, agent in self.system.agents.items():
-            if id(agent.model) not in seen:
-                seen.add(id(agent.model))
-                agent.model.save_pretrained(root / name)
-                agent.tokenizer.save_pretrained(root / name)
+        for name, model in self.system.models().items():
+            model.save_pretrained(root / name)
+            self.system.agents[name].tokenizer.save_pretrained(root / name)
 
     def _replica_digests(self) -> list[str]:
         """SHA-256 of this process's trainable tensors, from every process (all equal when in sync)."""
