@@ -1,5 +1,6 @@
 """The recursion on the tiny-random system: modes, caching, batching, traces, frozen backbones."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -28,29 +29,43 @@ def test_kv_cache_and_reference_agree_across_rounds(tiny_system):
     assert [r.text for r in fast] == [r.text for r in slow]
 
 
-def test_latent_messages_agree_across_rounds(tiny_system):
-    """Per-stage latents of the cached and re-encode paths agree to 1e-5 through 3 rounds."""
-    captured = {True: [], False: []}
-    agent = tiny_system.agents["planner"]
-    original = agent.think, agent.think_reference
+def _planner_latents(system, use_cache):
+    """The planner's latent embeddings of each round of a 3-round run on ``QUESTIONS[:3]``."""
+    agent = system.agents["planner"]
+    captured = []
+    rollout = agent.think if use_cache else agent.think_reference
 
-    def spy(fn, key):
-        def wrapped(*args, **kwargs):
-            out = fn(*args, **kwargs)
-            captured[key].append(out.embeds.clone())
-            return out
+    def spy(*args, **kwargs):
+        out = rollout(*args, **kwargs)
+        captured.append(out.embeds.clone())
+        return out
 
-        return wrapped
-
-    agent.think, agent.think_reference = spy(original[0], True), spy(original[1], False)
+    name = "think" if use_cache else "think_reference"
+    setattr(agent, name, spy)
     try:
-        tiny_system.run(QUESTIONS[:3], generation=GEN, rounds=3, latent_steps=6)
-        tiny_system.run(QUESTIONS[:3], generation=GEN, rounds=3, latent_steps=6, use_cache=False)
+        system.run(QUESTIONS[:3], generation=GEN, rounds=3, latent_steps=6, use_cache=use_cache)
     finally:
-        del agent.think, agent.think_reference
-    assert len(captured[True]) == len(captured[False]) == 3  # planner thinks once per round
-    for fast, slow in zip(captured[True], captured[False], strict=True):
-        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+        delattr(agent, name)
+    assert len(captured) == 3  # planner thinks once per round
+    return captured
+
+
+def test_latent_messages_agree_across_rounds(tiny_system):
+    """Per-stage latents of the cached and re-encode paths agree through 3 rounds: to rounding in float64
+    (<= 1e-10 on values of order 1), and relatively in float32, where the recurrences amplify rounding."""
+    system64 = copy.deepcopy(tiny_system)
+    for model in system64.models().values():
+        model.double()
+    system64.links.double()
+    pairs64 = zip(_planner_latents(system64, True), _planner_latents(system64, False), strict=True)
+    for fast, slow in pairs64:
+        assert fast.dtype == torch.float64
+        torch.testing.assert_close(fast, slow, atol=1e-10, rtol=0)
+    pairs32 = zip(_planner_latents(tiny_system, True), _planner_latents(tiny_system, False), strict=True)
+    for fast, slow in pairs32:
+        assert fast.dtype == torch.float32
+        err, scale = float((fast - slow).abs().max()), float(slow.abs().max())
+        assert err <= 1e-4 * scale, f"max |fast - ref| = {err:.3g}, max |ref| = {scale:.3g}"
 
 
 def test_trace_and_usage_are_consistent(tiny_system):

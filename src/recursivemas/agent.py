@@ -302,7 +302,8 @@ class Agent:
         state ``h_k`` at the last position and keeps ``e_k = R_in(h_k)``. Costs one prompt pass plus
         ``steps - 1`` single-position passes.
 
-        Returns ``Thoughts`` with hidden (B, m, d) in the model dtype and embeds (B, m, d) float32.
+        Returns ``Thoughts`` with hidden (B, m, d) in the model dtype and embeds (B, m, d) in the link's
+        dtype (float32 unless the link was cast).
         """
         self.check_fits(batch, steps, "latent steps")
         cache = new_cache(self.model)
@@ -315,7 +316,7 @@ class Agent:
                 inputs_embeds=x, attention_mask=mask, position_ids=pos, **cache_kwargs(self.backbone, cache)
             )
             h = out.last_hidden_state[:, -1]  # (B, d)
-            e = inner(h)  # (B, d) float32
+            e = inner(h)  # (B, d) in the link's dtype
             hidden.append(h)
             embeds.append(e)
             if step + 1 < steps:

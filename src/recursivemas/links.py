@@ -23,7 +23,8 @@ Both optionally rescale every output vector to a fixed norm (``rescale_norm``), 
 LatentMAS alignment does. Tensor names (``proj1``, ``proj2``, ``residual_proj``, ``pre_ln``,
 ``post_ln``, ``ln_source``, ``ln_target``) match the official release so its weights load.
 
-Links compute in float32 whatever the agents' dtype; callers cast at the boundaries.
+Links compute in their own parameters' dtype (float32 unless the link was cast, e.g. ``.double()``
+for float64 checks), whatever the agents' dtype; callers cast at the boundaries.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class LinkConfig:
 
 
 class _Link(nn.Module):
-    """Shared machinery: input dim check, norm rescaling, float32 compute."""
+    """Shared machinery: input dim check, norm rescaling, compute in the parameters' dtype."""
 
     config: LinkConfig
 
@@ -100,6 +101,11 @@ class _Link(nn.Module):
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the link computes and returns in: its parameters' (float32 unless cast)."""
+        return self.proj1.weight.dtype
 
     def _check_input(self, h: torch.Tensor) -> None:
         if h.shape[-1] != self.config.src_dim:
@@ -131,9 +137,9 @@ class InnerLink(_Link):
         init_identity(self)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """``h``: (..., d) in any dtype -> (..., d) float32."""
+        """``h``: (..., d) in any dtype -> (..., d) in the link's dtype (float32 unless cast)."""
         self._check_input(h)
-        h = h.float()
+        h = h.to(self.dtype)
         x = self.pre_ln(h) if self.config.variant == "release" else h
         base = self.residual_proj(h) if self.residual_proj is not None else h
         y = base + self.proj2(nn.functional.gelu(self.proj1(x)))
@@ -159,9 +165,9 @@ class OuterLink(_Link):
         init_identity(self)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """``h``: (..., d_i) in any dtype -> (..., d_j) float32."""
+        """``h``: (..., d_i) in any dtype -> (..., d_j) in the link's dtype (float32 unless cast)."""
         self._check_input(h)
-        h = h.float()
+        h = h.to(self.dtype)
         x = self.ln_source(h) if self.config.variant == "release" else h
         y = self.residual_proj(h) + self.proj2(nn.functional.gelu(self.proj1(x)))
         if self.config.variant == "release":
