@@ -18,7 +18,7 @@ from recursivemas.agent import Agent
 from recursivemas.checkpoint import load_links
 from recursivemas.errors import ConfigError
 from recursivemas.models import load_model
-from recursivemas.patterns import sequential
+from recursivemas.patterns import pair, sequential
 from recursivemas.system import RecursiveMAS
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -37,8 +37,12 @@ class Preset:
     links: Path | None = None
 
 
-def build_sequential(
+PATTERNS: dict[str, Callable[..., RecursiveMAS]] = {"sequential": sequential, "pair": pair}
+
+
+def build_from_specs(
     agents: dict[str, str],
+    pattern: str = "sequential",
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     init: str = "training-free",
@@ -46,8 +50,11 @@ def build_sequential(
     latent_steps: int = 16,
     links: str | Path | None = None,
 ) -> RecursiveMAS:
-    """Planner -> critic -> solver over ``agents`` (role -> model spec; a spec named twice is loaded
-    once and shared). ``init == "trained"`` loads the link checkpoint ``links``."""
+    """The ``pattern`` system over ``agents`` (role -> model spec, in the builder's argument order; a
+    spec named twice is loaded once and shared). ``init == "trained"`` loads the link checkpoint
+    ``links``."""
+    if pattern not in PATTERNS:
+        raise ConfigError(f"unknown pattern {pattern!r}; choose one of {', '.join(PATTERNS)}")
     if init == TRAINED and links is None:
         raise ConfigError("this preset ships no trained links; use init 'training-free'")
     loaded = {spec: load_model(spec, dtype, device) for spec in dict.fromkeys(agents.values())}
@@ -55,21 +62,24 @@ def build_sequential(
         Agent(name=role, model=loaded[spec][0], tokenizer=loaded[spec][1], model_id=spec)
         for role, spec in agents.items()
     ]
-    system = sequential(
+    system = PATTERNS[pattern](
         *built, rounds=rounds, latent_steps=latent_steps, init="identity" if init == TRAINED else init
     )
     return load_links(system, links) if init == TRAINED else system
 
 
-def _sequential_preset(agents: dict[str, str], links: Path | None = None) -> Callable[..., RecursiveMAS]:
+def _preset_builder(
+    agents: dict[str, str], pattern: str = "sequential", links: Path | None = None
+) -> Callable[..., RecursiveMAS]:
     def build(init: str | None = None, **kwargs) -> RecursiveMAS:
         default = TRAINED if links is not None else "training-free"
-        return build_sequential(agents, init=init or default, links=links, **kwargs)
+        return build_from_specs(agents, pattern, init=init or default, links=links, **kwargs)
 
     return build
 
 
 _BUNDLED_AGENTS = {"planner": "smollm2-135m", "critic": "gemma3-270m", "solver": "smollm2-135m"}
+_PAIR_AGENTS = {"planner": "smollm2-135m", "solver": "smollm2-135m"}
 _TINY_AGENTS = {"planner": "tiny-random:llama", "critic": "tiny-random:gemma3", "solver": "tiny-random:qwen3"}
 
 PRESETS: dict[str, Preset] = {
@@ -78,7 +88,7 @@ PRESETS: dict[str, Preset] = {
         "Sequential planner/critic/solver over tiny random Llama (d=64), Gemma3 (d=96) and Qwen3 (d=80) "
         "models with two different tokenizers; builds offline in about a second. For tests and smoke checks.",
         _TINY_AGENTS,
-        _sequential_preset(_TINY_AGENTS),
+        _preset_builder(_TINY_AGENTS),
     ),
     "smollm2-gemma3": Preset(
         "smollm2-gemma3",
@@ -86,8 +96,15 @@ PRESETS: dict[str, Preset] = {
         "solves (one shared copy), Gemma-3-270M criticises; links map 576 <-> 640 across two tokenizers. "
         "Ships trained links (configs/default-inner.yaml, configs/default-outer.yaml).",
         _BUNDLED_AGENTS,
-        _sequential_preset(_BUNDLED_AGENTS, WEIGHTS_DIR / "smollm2-gemma3"),
+        _preset_builder(_BUNDLED_AGENTS, links=WEIGHTS_DIR / "smollm2-gemma3"),
         WEIGHTS_DIR / "smollm2-gemma3",
+    ),
+    "smollm2-pair": Preset(
+        "smollm2-pair",
+        "Pair planner -> solver over one bundled SmolLM2-135M-Instruct (shared weights): one latent hop per "
+        "round, the reference system for the relay diagnostic.",
+        _PAIR_AGENTS,
+        _preset_builder(_PAIR_AGENTS, "pair"),
     ),
 }
 DEFAULT_PRESET = "smollm2-gemma3"

@@ -167,7 +167,9 @@ _CONTEXT_BLOCK = "[[Private notes (only you can see them):\n{context}\n\n]]"
 PLANNER = PromptTemplate(
     system="You are the Planner in a team of agents. Think about the problem and lay out a short plan.",
     user=(
-        _CONTEXT_BLOCK + "Question: {question}\n"
+        "[[Private notes (only you can see them):\n{context}\n"
+        "Start your plan by restating the facts from these notes that your team needs.\n\n]]"
+        "Question: {question}\n"
         "[[\nYour team's answer from the previous round: {slot:feedback}\n]]"
         "\nWrite a concise step-by-step plan to solve the question."
     ),
@@ -190,3 +192,13 @@ SOLVER = PromptTemplate(
 )
 
 ROLE_TEMPLATES: dict[str, PromptTemplate] = {"planner": PLANNER, "critic": CRITIC, "solver": SOLVER}
+
+PAIR_SOLVER = PromptTemplate(
+    system="You are the Solver in a team of agents. Solve the problem using your team's plan.",
+    user=(
+        _CONTEXT_BLOCK + "Question: {question}\n"
+        "[[\nThe Planner's plan: {slot:planner}\n]]"
+        "\nSolve the question step by step and put the final answer in \\boxed{}."
+    ),
+)
+"""The solver of the two-agent ``pair`` pattern: the planner's message arrives in slot ``planner``."""

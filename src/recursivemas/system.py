@@ -393,7 +393,9 @@ class _BatchRun:
                 batch, self.settings.generation, [stage_seed(s, name, round_) for s in self.seeds]
             )
             self.messages[name] = _Message(texts=decoded.texts)
-            self._record(name, round_, "text", batch, 0, decoded.num_tokens, start, final)
+            self._record(
+                name, round_, "text", batch, 0, decoded.num_tokens, start, final, texts=decoded.texts
+            )
             return decoded
         m = self.settings.latent_steps
         rollout = agent.think if self.settings.use_cache else agent.think_reference
@@ -445,6 +447,7 @@ class _BatchRun:
         start: float,
         final: bool,
         lens: list | None = None,
+        texts: list[str] | None = None,
     ) -> None:
         seconds = time.perf_counter() - start
         for i, trace in enumerate(self.traces):
@@ -460,6 +463,7 @@ class _BatchRun:
                     seconds=seconds,
                     final=final,
                     lens=None if lens is None else lens[i],
+                    text=None if texts is None else texts[i],
                 )
             )
 

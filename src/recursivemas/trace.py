@@ -21,6 +21,7 @@ class StageTrace:
         lens: latent stages run with a lens only: agent name -> per latent thought, its nearest
             vocabulary tokens under that agent's input-embedding table (the sender's own, and each
             receiver's after the outer link).
+        text: text stages only: what the agent decoded (its message, or the final answer).
     """
 
     agent: str
@@ -33,6 +34,7 @@ class StageTrace:
     seconds: float
     final: bool
     lens: dict[str, list[list[str]]] | None = None
+    text: str | None = None
 
 
 @dataclass(frozen=True)

@@ -59,17 +59,26 @@ def test_eval_writes_summary_report_predictions_and_plots(tmp_path, capsys):
         "latent",
         "latent-free",
     }
-    for m in summary["modes"].values():
+    for mode, m in summary["modes"].items():
+        latent = mode.startswith("latent")
         assert set(m) == {
             "accuracy",
             "accuracy_std",
+            "accuracy_ci95",
+            "distinct_answers",
             "n",
             "decoded_tokens_mean",
             "latent_steps_mean",
             "seconds_total",
             "peak_memory_bytes",
-        }
+        } | ({"diagnostics"} if latent else set())
         assert m["n"] == 4 and 0 <= m["accuracy"] <= 1 and m["peak_memory_bytes"] > 0
+        low, high = m["accuracy_ci95"]
+        assert 0 <= low <= m["accuracy"] <= high <= 1
+        assert 1 <= m["distinct_answers"] <= 4 * 3  # questions x seeds
+        if latent:  # relay's lens diagnostic: per hop, the share of questions whose fact it recovered
+            assert {"lens:planner", "lens:planner->critic", "lens:critic->solver"} <= set(m["diagnostics"])
+            assert all(0 <= v <= 1 for v in m["diagnostics"].values())
     assert summary["modes"]["latent"]["latent_steps_mean"] == (3 * 2 - 1) * 3
     assert summary["modes"]["text"]["latent_steps_mean"] == 0
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]

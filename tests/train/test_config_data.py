@@ -180,5 +180,5 @@ def test_hub_source_without_datasets_says_what_to_install(monkeypatch):
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_parse_and_say_how_to_run_them(path):
     config = TrainConfig.load(path)
-    assert config.system.preset == "smollm2-gemma3"
+    assert config.system.preset == ("smollm2-pair" if path.name.startswith("pair-") else "smollm2-gemma3")
     assert f"recursivemas train -c configs/{path.name}" in path.read_text().splitlines()[1]

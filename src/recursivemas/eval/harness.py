@@ -8,6 +8,7 @@ Seeds change only the sampling seeds; with ``temperature == 0`` every seed gives
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 import zlib
@@ -64,6 +65,7 @@ class Prediction:
     latent_steps: int
     detail: str = ""
     trace: list = field(default_factory=list)
+    diagnostics: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,6 +114,7 @@ def run_mode(
                 batch_size=settings.batch_size,
                 seeds=question_seeds,
                 on_batch=on_batch,
+                lens_top_k=task.lens_top_k if run_as == "latent" else 0,
             )
             outputs.append((seed, results))
     seconds = time.perf_counter() - start  # generation only: scoring (the code sandbox) is not timed
@@ -133,6 +136,11 @@ def run_mode(
                     latent_steps=result.usage["latent_steps"],
                     detail=score.detail,
                     trace=[asdict(s) for s in result.trace],
+                    diagnostics=(
+                        task.diagnose(runner, ex, result.trace)
+                        if task.diagnose is not None and run_as == "latent"
+                        else {}
+                    ),
                 )
             )
     return ModeRun(predictions, seconds, memory.peak)
@@ -143,8 +151,21 @@ def example_seed(seed: int, example_id: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(example_id.encode())) % 2**61
 
 
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion ``correct / total`` (``(0, 1)`` when ``total == 0``)."""
+    if total == 0:
+        return 0.0, 1.0
+    p = correct / total
+    denom = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denom
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def summarize(runs: dict[str, list[ModeRun]], seeds: tuple[int, ...]) -> dict[str, dict]:
-    """Per mode: accuracy mean and std over seeds, n, token and latent-step means, seconds, peak memory.
+    """Per mode: accuracy mean and std over seeds, its 95% interval (Wilson, over all predictions), n,
+    the number of distinct extracted answers (a run that answers everything alike is a failure however
+    it scores), token and latent-step means, seconds, peak memory.
 
     ``runs[mode]`` may hold one ``ModeRun`` per shard; predictions are pooled, times added, peaks maxed.
     """
@@ -152,15 +173,23 @@ def summarize(runs: dict[str, list[ModeRun]], seeds: tuple[int, ...]) -> dict[st
     for mode, parts in runs.items():
         preds = [p for part in parts for p in part.predictions]
         per_seed = [statistics.fmean(p.correct for p in preds if p.seed == s) for s in seeds]
+        low, high = wilson_interval(sum(p.correct for p in preds), len(preds))
         summary[mode] = {
             "accuracy": statistics.fmean(per_seed),
             "accuracy_std": statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0,
+            "accuracy_ci95": [low, high],
+            "distinct_answers": len({p.extracted for p in preds}),
             "n": len({p.id for p in preds}),
             "decoded_tokens_mean": statistics.fmean(p.decoded_tokens for p in preds),
             "latent_steps_mean": statistics.fmean(p.latent_steps for p in preds),
             "seconds_total": sum(part.seconds for part in parts),
             "peak_memory_bytes": max(part.peak_memory_bytes for part in parts),
         }
+        keys = sorted({k for p in preds for k in p.diagnostics})
+        if keys:
+            summary[mode]["diagnostics"] = {
+                k: statistics.fmean(p.diagnostics[k] for p in preds if k in p.diagnostics) for k in keys
+            }
     return summary
 
 

@@ -14,6 +14,8 @@ import random
 import string
 
 from recursivemas.errors import ConfigError
+from recursivemas.system import RecursiveMAS
+from recursivemas.trace import StageTrace
 
 NAMES = [
     "Alice",
@@ -74,3 +76,32 @@ def relay_rows(n: int, seed: int, level: int = 1, sender: str = SENDER) -> list[
             }
         )
     return rows
+
+
+LENS_TOP_K = 5
+_WORD_MARKS = "Ġ▁ "
+
+
+def _pieces(tokens: list[str]) -> set[str]:
+    """Token strings without their word-boundary marks (SentencePiece ``▁``, byte-BPE ``Ġ``)."""
+    return {t.strip(_WORD_MARKS) for t in tokens} - {""}
+
+
+def lens_recovery(system: RecursiveMAS, fact: str, trace: list[StageTrace]) -> dict[str, float]:
+    """Per latent hop, whether the fact reached it, read through the latent lens.
+
+    For every latent stage of ``trace`` (run with ``lens_top_k``) and every view of its thoughts (the
+    sender's own table, key ``"lens:planner"``, and each receiver's after the outer link, key
+    ``"lens:planner->critic"``): 1.0 if every token of the fact, tokenised by that view's agent, is among
+    the top-k nearest tokens of at least one thought, else 0.0; the best round counts.
+    """
+    found: dict[str, float] = {}
+    for stage in trace:
+        if not stage.lens:
+            continue
+        for who, per_thought in stage.lens.items():
+            key = f"lens:{stage.agent}" if who == stage.agent else f"lens:{stage.agent}->{who}"
+            wanted = _pieces(system.agents[who].tokenizer.tokenize(" " + fact))
+            seen = _pieces([tok for thought in per_thought for tok in thought])
+            found[key] = max(found.get(key, 0.0), float(wanted <= seen))
+    return found

@@ -28,15 +28,19 @@ def write_outputs(
 
 def render_report(task: str, summary: dict, settings: dict, command: str) -> str:
     rows = [
-        "| mode | accuracy | n | decoded tokens / q | latent steps / q | seconds | peak memory (MB) |",
-        "|---|---|---|---|---|---|---|",
+        "| mode | accuracy | 95% interval | distinct answers | n | decoded tokens / q | latent steps / q "
+        "| seconds | peak memory (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, m in summary.items():
+        low, high = m["accuracy_ci95"]
         rows.append(
-            f"| {mode} | {100 * m['accuracy']:.1f}% ± {100 * m['accuracy_std']:.1f} | {m['n']} | "
+            f"| {mode} | {100 * m['accuracy']:.1f}% ± {100 * m['accuracy_std']:.1f} | "
+            f"{100 * low:.1f}-{100 * high:.1f}% | {m['distinct_answers']} | {m['n']} | "
             f"{m['decoded_tokens_mean']:.1f} | {m['latent_steps_mean']:.1f} | {m['seconds_total']:.1f} | "
             f"{m['peak_memory_bytes'] / 2**20:.0f} |"
         )
+    rows += _diagnostics_table(summary)
     scoring = "lenient (release-style rules)" if settings["lenient"] else "strict"
     notes = [
         f"Scoring: {scoring}. Accuracy is the mean over seeds {settings['seeds']} (± sample std); with "
@@ -101,3 +105,16 @@ def plot(summary: dict, task: str, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "cost.png", dpi=110)
     plt.close(fig)
+
+
+def _diagnostics_table(summary: dict) -> list[str]:
+    """A table of the task's per-prediction diagnostics (e.g. relay lens recovery per hop), if any."""
+    keys = sorted({k for m in summary.values() for k in m.get("diagnostics", {})})
+    if not keys:
+        return []
+    lines = ["", "| mode | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for mode, m in summary.items():
+        if m.get("diagnostics"):
+            cells = " | ".join(f"{100 * m['diagnostics'].get(k, 0.0):.0f}%" for k in keys)
+            lines.append(f"| {mode} | {cells} |")
+    return lines

@@ -149,6 +149,7 @@ def evaluate_command(opts: EvalOptions) -> int:
         for mode, m in summary.items():
             print(
                 f"{mode:12} accuracy {100 * m['accuracy']:5.1f}% ± {100 * m['accuracy_std']:.1f}  "
+                f"distinct answers {m['distinct_answers']:4}  "
                 f"tokens/q {m['decoded_tokens_mean']:7.1f}  {m['seconds_total']:7.1f}s"
             )
         print(f"report: {out / 'report.md'}")

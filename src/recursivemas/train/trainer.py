@@ -36,7 +36,7 @@ from recursivemas.errors import CheckpointError, ConfigError
 from recursivemas.fileio import atomic_write
 from recursivemas.loading import DTYPES
 from recursivemas.memory import PeakMemory
-from recursivemas.presets import build_preset, build_sequential
+from recursivemas.presets import build_from_specs, build_preset
 from recursivemas.system import RecursiveMAS
 from recursivemas.train.config import SystemSection, TrainConfig
 from recursivemas.train.curves import plot_curves
@@ -64,20 +64,31 @@ def build_system(cfg: SystemSection, device: str) -> RecursiveMAS:
         "latent_steps": cfg.latent_steps,
     }
     if cfg.agents is not None:
-        system = build_sequential(cfg.agents, **settings)
+        system = build_from_specs(cfg.agents, **settings)
     else:
         system = build_preset(cfg.preset, **settings)
     return load_links(system, cfg.links) if cfg.links else system
 
 
-def select_trainable(system: RecursiveMAS, stage: str, trainable: str) -> dict[str, nn.Parameter]:
-    """Turn gradients on for the stage's links (and, for ``full``, every agent weight); off elsewhere.
+def select_trainable(
+    system: RecursiveMAS, stage: str, trainable: str, links: list[str] | None = None
+) -> dict[str, nn.Parameter]:
+    """Turn gradients on for the stage's links (only those named in ``links`` if given; and, for
+    ``full``, every agent weight); off elsewhere.
 
     Returns the trainable tensors by a stable name (``links.inner.planner.proj1.weight``,
     ``agents.planner.model.layers.0...``); a model shared by several agents is listed once.
     """
     system.links.requires_grad_(False)
-    named = {f"links.{stage}.{n}": p for n, p in system.links[stage].named_parameters()}
+    group = system.links[stage]
+    unknown = sorted(set(links or ()) - set(group))
+    if unknown:
+        raise ConfigError(
+            f"optim.links names {unknown}, which are not {stage} links of this system; "
+            f"choose among {list(group)}"
+        )
+    chosen = [n for n in group if links is None or n in links]
+    named = {f"links.{stage}.{n}.{k}": p for n in chosen for k, p in group[n].named_parameters()}
     if trainable == "full":
         for name, model in system.models().items():
             named |= {f"agents.{name}.{n}": p for n, p in model.named_parameters()}
@@ -89,10 +100,11 @@ def select_trainable(system: RecursiveMAS, stage: str, trainable: str) -> dict[s
 def clip_groups(system: RecursiveMAS, config: TrainConfig, named: dict[str, nn.Parameter]) -> dict:
     """Parameter groups clipped separately: one per agent's inner link (inner stage), else all together."""
     if config.stage == "inner" and config.trainable == "links":
-        return {
+        groups = {
             agent: [p for n, p in named.items() if n.startswith(f"links.inner.{agent}.")]
             for agent in system.agents
         }
+        return {agent: params for agent, params in groups.items() if params}
     return {"all": list(named.values())}
 
 
@@ -150,7 +162,7 @@ class Trainer:
         torch.manual_seed(config.run.seed)
         device = str(self.accelerator.device) if config.system.device == "auto" else config.system.device
         self.system = build_system(config.system, device)
-        self.named = select_trainable(self.system, config.stage, config.trainable)
+        self.named = select_trainable(self.system, config.stage, config.trainable, config.optim.links)
         self.params = list(self.named.values())
         self.groups = clip_groups(self.system, config, self.named)
         self.objective = build_objective(self.system, config)
