@@ -76,5 +76,5 @@ def test_only_the_named_links_learn(system):
 
 
 def test_unknown_link_name_is_a_clear_error(system):
-    with pytest.raises(ConfigError, match="optim.links names \\['nope'\\]"):
+    with pytest.raises(ConfigError, match=r"optim.links names \['nope'\]"):
         select_trainable(system, "outer", "links", ["nope"])

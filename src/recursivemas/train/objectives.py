@@ -456,7 +456,8 @@ class AlignObjective:
         self._tables: dict[str, tuple[torch.Tensor, torch.Tensor, dict[int, int]]] = {}
 
     def tables(self, src: Agent, dst: Agent) -> tuple[torch.Tensor, torch.Tensor, dict[int, int]]:
-        """(sender rows x (n, d_i) rescaled, receiver rows Y (n, d_j), sender id -> row) over shared tokens."""
+        """Over the shared tokens: sender rows ``x`` (n, d_i) rescaled, receiver rows ``Y`` (n, d_j), and
+        sender token id -> row."""
         key = f"{id(src.model)}->{id(dst.model)}"
         if key not in self._tables:
             src_vocab, dst_vocab = _decoded_vocabulary(src.tokenizer), _decoded_vocabulary(dst.tokenizer)
