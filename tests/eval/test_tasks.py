@@ -1,6 +1,7 @@
 """Task loading: generated, packaged and file-based tasks; hub field mappings on local hub-shaped rows."""
 
 import json
+import re
 
 import pytest
 
@@ -64,7 +65,7 @@ def test_jsonl_task_with_all_row_types(tmp_path):
     "spec, match",
     [
         ("nonsense", "unknown task spec"),
-        ("reasoning-gym:no_such_task", "reasoning-gym has no task"),
+        ("reasoning-gym:no_such_task", "reasoning-gym cannot build"),
         ("relay:x", "unknown task spec"),
         ("medqa", "needs a local file"),
         ("jsonl:/no/such/file.jsonl", "does not exist"),
@@ -195,3 +196,21 @@ def test_relay_lenient_counts_a_mention_of_the_fact():
     assert not task.score(ex, text).correct
     assert task.score(ex, text, lenient=True).correct
     assert not task.score(ex, f"The secret is 1{ex.gold}.", lenient=True).correct  # whole numbers only
+
+
+def test_reasoning_gym_generator_settings_make_an_easier_rung():
+    task = load_task(
+        "reasoning-gym:basic_arithmetic:min_terms=2,max_terms=2,min_digits=1,max_digits=1", limit=6
+    )
+    assert task.name == "reasoning-gym:basic_arithmetic:min_terms=2,max_terms=2,min_digits=1,max_digits=1"
+    for ex in task.examples:
+        numbers = re.findall(r"\d+", ex.question.split("\n")[0])
+        assert len(numbers) == 2 and all(len(n) == 1 for n in numbers)
+
+
+@pytest.mark.parametrize(
+    "spec", ["reasoning-gym:basic_arithmetic:bogus=1", "reasoning-gym:basic_arithmetic:x"]
+)
+def test_bad_generator_settings_name_the_spec(spec):
+    with pytest.raises(ConfigError, match="basic_arithmetic"):
+        load_task(spec, limit=2)

