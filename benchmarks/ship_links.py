@@ -54,7 +54,8 @@ def stage_summary(config: Path) -> list[str]:
         + (f", inner targets {objective['inner_targets']}" if "inner_targets" in objective else "")
         + (f"; links trained: {', '.join(links)}" if links else "; every link of the stage trained")
         + ".",
-        f"- Data: {sources}; {raw['data']['validation']} held-out validation rows (seed {raw['data']['seed']}).",
+        f"- Data: {sources}; {raw['data']['validation']} held-out validation rows "
+        f"(seed {raw['data']['seed']}).",
         f"- Steps: {report['steps']} x batch {raw['optim']['batch_size']}, lr {raw['optim']['lr']}, "
         f"{report['seconds'] / 60:.1f} min on {report['processes']} CPU process(es) (2 cores), "
         f"peak memory {report['peak_memory_bytes'] / 2**30:.2f} GiB.",
@@ -81,7 +82,8 @@ def relay_table(preset: str) -> list[str]:
         for mode, m in doc["modes"].items():
             low, high = m["accuracy_ci95"]
             lines.append(
-                f"| {doc['task']} | {mode} | {100 * m['accuracy']:.1f}% | {100 * low:.0f}-{100 * high:.0f}% | "
+                f"| {doc['task']} | {mode} | {100 * m['accuracy']:.1f}% | "
+                f"{100 * low:.0f}-{100 * high:.0f}% | "
                 f"{m['distinct_answers']} | {m['n']} | {m['decoded_tokens_mean']:.1f} |"
             )
     return [*lines, ""]
