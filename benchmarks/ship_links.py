@@ -45,12 +45,13 @@ def stage_summary(config: Path) -> list[str]:
     )
     objective = raw.get("objective", {})
     kind = "inner" if raw["stage"] == "inner" else objective.get("outer", "unrolled")
+    what = "teacher-forced cosine" if kind == "inner" else kind
     links = raw["optim"].get("links")
     return [
         f"### {config.stem}",
         "",
         f"- Command: `recursivemas train -c configs/{config.name}`",
-        f"- Objective: {raw['stage']} stage, {kind}"
+        f"- Objective: {raw['stage']} stage, {what}"
         + (f", inner targets {objective['inner_targets']}" if "inner_targets" in objective else "")
         + (f"; links trained: {', '.join(links)}" if links else "; every link of the stage trained")
         + ".",
@@ -93,6 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="smollm2-gemma3")
     parser.add_argument("--stages", nargs="+", default=["default-inner", "default-align", "default-outer"])
+    parser.add_argument("--note", default="", help="a paragraph for the card (e.g. how a run was resumed)")
     args = parser.parse_args()
     preset = get_preset(args.preset)
     configs = [ROOT / "configs" / f"{stage}.yaml" for stage in args.stages]
@@ -107,6 +109,7 @@ def main() -> None:
         "Weights stored in bfloat16; they load into float32.",
         "",
         *[line for config in configs for line in stage_summary(config)],
+        *([args.note, ""] if args.note else []),
         *relay_table(preset.name),
     ]
     target = WEIGHTS_DIR / preset.name

@@ -164,3 +164,24 @@ def test_default_preset_ships_trained_links():
     assert any(k.startswith("inner.") for k in moved) and any(k.startswith("outer.") for k in moved)
     card = (WEIGHTS_DIR / DEFAULT_PRESET / "README.md").read_text()
     assert "configs/default-inner.yaml" in card and "configs/default-outer.yaml" in card
+
+
+@pytest.mark.parametrize("preset", ["smollm2-pair", DEFAULT_PRESET])
+def test_shipped_links_carry_the_fact(preset):
+    """Two sender contexts, same question: the planner's thoughts and the answerer's logits must differ,
+    and the planner's thoughts must read out the fact (a channel that carries nothing fails here)."""
+    from recursivemas.eval.relay import relay_rows
+
+    from .probes import relay_probe
+
+    system = build_preset(preset, rounds=1, latent_steps=16)
+    rows = relay_rows(2, seed=12345, level=1)
+    assert rows[0]["answer"] != rows[1]["answer"]
+    notes = [r["context"]["planner"] for r in rows]
+    thoughts, logits = relay_probe(system, rows[0]["question"], notes, steps=16)
+    planner = system.agents["planner"]
+    lens = [[t[0] for t in planner.nearest_tokens(row, 1)] for row in thoughts]  # top-1 token per thought
+    assert lens[0] != lens[1]
+    for row, tokens in zip(rows, lens, strict=True):
+        assert row["answer"] in "".join(tokens).replace("Ġ", "")  # the fact is in the thoughts
+    assert (logits[0] - logits[1]).abs().max() > 0.5  # and it changes what the answerer would say

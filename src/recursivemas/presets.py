@@ -102,9 +102,11 @@ PRESETS: dict[str, Preset] = {
     "smollm2-pair": Preset(
         "smollm2-pair",
         "Pair planner -> solver over one bundled SmolLM2-135M-Instruct (shared weights): one latent hop per "
-        "round, the reference system for the relay diagnostic.",
+        "round, the reference system for the relay diagnostic. Ships trained links (configs/pair-inner.yaml, "
+        "configs/pair-outer.yaml).",
         _PAIR_AGENTS,
-        _preset_builder(_PAIR_AGENTS, "pair"),
+        _preset_builder(_PAIR_AGENTS, "pair", WEIGHTS_DIR / "smollm2-pair"),
+        WEIGHTS_DIR / "smollm2-pair",
     ),
 }
 DEFAULT_PRESET = "smollm2-gemma3"

@@ -21,6 +21,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -435,12 +436,13 @@ class AlignObjective:
 
     A sender's latent message ``R_in(H)`` lives in its input-embedding space; a faithful message is
     close to the embeddings of the tokens its text would hold. This objective teaches each outer link
-    ``src -> dst`` to carry such a vector to the receiver's embedding of the same token: for tokens
-    ``t`` whose decoded text (leading space kept) both vocabularies contain, with ``x_t`` the sender's
-    embedding of ``t`` rescaled to its inner link's output norm and ``Y`` the receiver's embeddings of
-    the shared tokens,
+    ``src -> dst`` to carry such a vector to the receiver's embedding of the same text: for sender
+    tokens ``t`` whose decoded text (leading space kept) the receiver's tokenizer encodes as one token
+    ``t'`` (so byte-fallback and unused entries that merely decode alike are never targets), with
+    ``x_t`` the sender's embedding of ``t`` rescaled to its inner link's output norm and ``Y`` the
+    receiver's embeddings of all such ``t'``,
 
-        loss = mean_t CE( cos(R_out(x_t), Y) / tau,  t ),    tau = ``ALIGN_TEMPERATURE``
+        loss = mean_t CE( cos(R_out(x_t), Y) / tau,  t' ),    tau = ``ALIGN_TEMPERATURE``
 
     (a contrastive read-out: the mapped vector's nearest receiver token must be ``t``). Each step uses
     the tokens of its rows' texts (question, context, answer) plus as many shared tokens drawn from a
@@ -460,10 +462,9 @@ class AlignObjective:
         sender token id -> row."""
         key = f"{id(src.model)}->{id(dst.model)}"
         if key not in self._tables:
-            src_vocab, dst_vocab = _decoded_vocabulary(src.tokenizer), _decoded_vocabulary(dst.tokenizer)
-            common = sorted(set(src_vocab) & set(dst_vocab))
-            src_ids = torch.tensor([src_vocab[t] for t in common])
-            dst_ids = torch.tensor([dst_vocab[t] for t in common])
+            pairs = _token_pairs(src.tokenizer, dst.tokenizer)
+            src_ids = torch.tensor([a for a, _ in pairs])
+            dst_ids = torch.tensor([b for _, b in pairs])
             with torch.no_grad():
                 x = src.embed(src_ids).float()  # (n, d_i)
                 norm = self.system.inner(src.name).config.rescale_norm or float(x.norm(dim=-1).mean())
@@ -509,21 +510,24 @@ class AlignObjective:
 ALIGN_TEMPERATURE = 0.05
 
 
-def _decoded_vocabulary(tokenizer: object) -> dict[str, int]:
-    """Decoded text of each single token (whitespace kept) -> its lowest id; special and partial-byte
-    tokens skipped."""
-    special = set(tokenizer.all_special_ids)
-    ids = [[i] for i in range(len(tokenizer))]
-    backend = getattr(tokenizer, "backend_tokenizer", None)  # the Rust tokenizer: ~10x faster
+def _token_pairs(src_tokenizer: Any, dst_tokenizer: Any) -> list[tuple[int, int]]:
+    """(sender id, receiver id) for every sender token whose decoded text (whitespace kept) the receiver
+    encodes as exactly one token (whitespace tokens included); special and partial-byte sender tokens
+    are skipped, and of several
+    sender tokens with the same text the lowest id is kept."""
+    special = set(src_tokenizer.all_special_ids)
+    ids = [[i] for i in range(len(src_tokenizer))]
+    backend = getattr(src_tokenizer, "backend_tokenizer", None)  # the Rust tokenizer: ~10x faster
     if backend is not None:
         texts = backend.decode_batch(ids, skip_special_tokens=False)
     else:
-        texts = tokenizer.batch_decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    table: dict[str, int] = {}
+        texts = src_tokenizer.batch_decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    first: dict[str, int] = {}
     for i, text in enumerate(texts):
-        if i not in special and text.strip() and "\ufffd" not in text:
-            table.setdefault(text, i)
-    return table
+        if i not in special and text and "\ufffd" not in text:
+            first.setdefault(text, i)
+    encoded = dst_tokenizer(list(first), add_special_tokens=False)["input_ids"]
+    return [(i, ids[0]) for i, ids in zip(first.values(), encoded, strict=True) if len(ids) == 1]
 
 
 @torch.no_grad()
