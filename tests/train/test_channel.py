@@ -9,7 +9,7 @@ import torch
 from recursivemas.agent import GenerationConfig
 from recursivemas.errors import ConfigError
 from recursivemas.train.data import TrainRow
-from recursivemas.train.objectives import AlignObjective, InnerObjective
+from recursivemas.train.objectives import AlignObjective, InnerObjective, target_ids
 from recursivemas.train.trainer import build_system, select_trainable
 
 ROWS = [
@@ -78,3 +78,16 @@ def test_only_the_named_links_learn(system):
 def test_unknown_link_name_is_a_clear_error(system):
     with pytest.raises(ConfigError, match=r"optim.links names \['nope'\]"):
         select_trainable(system, "outer", "links", ["nope"])
+
+
+def test_on_policy_adds_the_agents_own_rollout_states(system, make_config):
+    objective = {"inner_targets": "own-text", "own_text_tokens": 5, "precompute": False}
+    plain = InnerObjective(system, make_config(stage="inner", objective=objective))
+    rolled = InnerObjective(system, make_config(stage="inner", objective=objective | {"on_policy": True}))
+    critic = system.agents["critic"]
+    base, more = plain.examples(critic, ROWS), rolled.examples(critic, ROWS)
+    _, texts = plain.targets(critic, ROWS)
+    for b, m, ids in zip(base, more, target_ids(critic, texts, 5), strict=True):
+        assert m.hidden.shape[0] == b.hidden.shape[0] + len(ids)  # one rollout state per target token
+        torch.testing.assert_close(m.hidden[: b.hidden.shape[0]], b.hidden)
+        torch.testing.assert_close(m.targets[b.targets.shape[0] :], critic.embed(torch.tensor(ids)).float())

@@ -118,8 +118,10 @@ class ObjectiveSection(_Section):
     or ``own-text`` (each agent is teacher-forced on what it itself writes in the text-mode system: one
     greedy round, its upstream agents' texts in its slots, at most ``own_text_tokens`` tokens), so that
     its latent thoughts learn to follow its own text instead of a fixed answer format; ``positions`` =
-    ``answer`` (the target text only) or ``all`` (prompt and target); ``precompute`` caches the frozen
-    backbone's hidden states once and trains on them.
+    ``answer`` (the target text only) or ``all`` (prompt and target); ``on_policy`` adds the states of
+    each agent's own latent rollout (with the links the run starts from) paired with the same targets
+    step by step, so the link learns from where its own thoughts lead (chain runs to iterate);
+    ``precompute`` caches the frozen backbone's hidden states once and trains on them.
     Outer stage: ``outer`` = ``unrolled`` (paper: real latent rollouts, answer CE of the last round) or
     ``teacher-forced`` (release: reference texts' hidden states as latent sources); with
     ``intermediate_weight > 0`` the answer CE of earlier rounds is added with that weight. The
@@ -131,6 +133,7 @@ class ObjectiveSection(_Section):
     inner_targets: Literal["answer", "own-text"] = "answer"
     own_text_tokens: int = Field(default=24, ge=1)
     positions: Literal["answer", "all"] = "answer"
+    on_policy: bool = False
     precompute: bool = True
     outer: Literal["unrolled", "teacher-forced", "align"] = "unrolled"
     intermediate_weight: float = Field(default=0.0, ge=0.0)

@@ -188,6 +188,7 @@ class InnerObjective:
             config.objective.own_text_tokens if self.own_text else config.data.max_answer_tokens
         )
         self.precompute = config.objective.precompute
+        self.on_policy = config.objective.on_policy
         self._cache: dict[tuple[str, int], InnerExample] = {}
         self._transcript: tuple[tuple[TrainRow, ...], dict[str, list[str]]] | None = None
 
@@ -227,14 +228,34 @@ class InnerObjective:
         """Each row's (hidden states, targets) at its target positions, from one forward of ``agent``."""
         values, texts = self.targets(agent, rows)
         batch = agent.encode(prompt_rows(agent, rows, values))
-        seq = continue_with(agent, batch, target_ids(agent, texts, self.max_target_tokens))
+        ids = target_ids(agent, texts, self.max_target_tokens)
+        seq = continue_with(agent, batch, ids)
         hidden = last_hidden(agent, seq)  # (B, S, d)
         valid = self._valid(seq)  # (B, S - 1): position t predicts position t + 1
         targets = seq.embeds[:, 1:]
-        return [
+        examples = [
             InnerExample(hidden[i, :-1][valid[i]].float(), targets[i][valid[i]].detach().float())
             for i in range(len(rows))
         ]
+        return self._with_rollout_states(agent, batch, ids, examples) if self.on_policy else examples
+
+    def _with_rollout_states(
+        self, agent: Agent, batch: PromptBatch, ids: list[list[int]], examples: list[InnerExample]
+    ) -> list[InnerExample]:
+        """Add the states of the agent's own latent rollout (current inner link, no gradient): step
+        ``k``'s hidden state ``h_k`` is paired with the embedding of target token ``k``, so the link
+        also learns from the states its own thoughts lead to (one DAgger iteration)."""
+        with torch.no_grad():
+            rollout = agent.think(batch, max(len(x) for x in ids), self.system.inner(agent.name)).hidden
+        out = []
+        for i, (example, row) in enumerate(zip(examples, ids, strict=True)):
+            n = len(row)
+            states = rollout[i, :n].float()  # (n, d)
+            wanted = agent.embed(torch.tensor(row, device=agent.device)).detach().float()  # (n, d)
+            out.append(
+                InnerExample(torch.cat([example.hidden, states]), torch.cat([example.targets, wanted]))
+            )
+        return out
 
     def _valid(self, seq: Continued) -> torch.Tensor:
         mask = seq.mask.bool()
