@@ -94,7 +94,7 @@ PRESETS: dict[str, Preset] = {
         "smollm2-gemma3",
         "Sequential planner/critic/solver over the bundled real models: SmolLM2-135M-Instruct plans and "
         "solves (one shared copy), Gemma-3-270M criticises; links map 576 <-> 640 across two tokenizers. "
-        "Ships trained links (configs/default-inner.yaml, configs/default-outer.yaml).",
+        "Ships trained links (configs/default-{inner,align,rollout,outer}.yaml).",
         _BUNDLED_AGENTS,
         _preset_builder(_BUNDLED_AGENTS, links=WEIGHTS_DIR / "smollm2-gemma3"),
         WEIGHTS_DIR / "smollm2-gemma3",
