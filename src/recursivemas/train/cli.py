@@ -32,7 +32,11 @@ def train_command(
             f"{report.seconds:.1f}s on {report.processes} process(es); "
             f"{report.trainable_parameters:,} trainable / {report.frozen_parameters:,} frozen parameters; "
             f"peak memory {report.peak_memory_bytes / 2**20:.0f} MiB ({report.memory_kind}); "
-            f"final loss {report.final_train_loss:.4f}"
+            + (
+                f"final loss {report.final_train_loss:.4f}"
+                if report.final_train_loss is not None
+                else "no step left to run (resumed at optim.max_steps)"
+            )
             + (f", validation {val:.4f}" if val is not None else "")
             + f"; outputs in {report.output}",
             file=sys.stderr,
