@@ -534,8 +534,7 @@ ALIGN_TEMPERATURE = 0.05
 def _token_pairs(src_tokenizer: Any, dst_tokenizer: Any) -> list[tuple[int, int]]:
     """(sender id, receiver id) for every sender token whose decoded text (whitespace kept) the receiver
     encodes as exactly one token (whitespace tokens included); special and partial-byte sender tokens
-    are skipped, and of several
-    sender tokens with the same text the lowest id is kept."""
+    are skipped, and of several sender tokens with the same text the lowest id is kept."""
     special = set(src_tokenizer.all_special_ids)
     ids = [[i] for i in range(len(src_tokenizer))]
     backend = getattr(src_tokenizer, "backend_tokenizer", None)  # the Rust tokenizer: ~10x faster
