@@ -69,8 +69,9 @@ def tied_ridge_realignment(
     return torch.linalg.solve(gram + lam * eye, scale * gram).float()
 
 
-def vocabulary_by_text(tokenizer: Any) -> dict[str, int]:
-    """Decoded text (stripped) -> lowest token id with that text; special and partial-byte tokens skipped."""
+def vocabulary_by_text(tokenizer: Any, strip: bool = True) -> dict[str, int]:
+    """Decoded text (stripped unless ``strip=False``) -> lowest token id with that text; special and
+    partial-byte tokens skipped, and empty texts (whitespace-only ones too when stripping)."""
     special = set(tokenizer.all_special_ids)
     ids = [[i] for i in range(len(tokenizer))]
     backend = getattr(tokenizer, "backend_tokenizer", None)  # the Rust tokenizer: ~10x faster here
@@ -80,7 +81,7 @@ def vocabulary_by_text(tokenizer: Any) -> dict[str, int]:
         texts = tokenizer.batch_decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     table: dict[str, int] = {}
     for i, text in enumerate(texts):
-        key = text.strip()
+        key = text.strip() if strip else text
         if i in special or not key or "\ufffd" in key:
             continue
         table.setdefault(key, i)

@@ -91,3 +91,10 @@ def test_on_policy_adds_the_agents_own_rollout_states(system, make_config):
         assert m.hidden.shape[0] == b.hidden.shape[0] + len(ids)  # one rollout state per target token
         torch.testing.assert_close(m.hidden[: b.hidden.shape[0]], b.hidden)
         torch.testing.assert_close(m.targets[b.targets.shape[0] :], critic.embed(torch.tensor(ids)).float())
+
+
+def test_align_without_shared_tokens_is_a_clear_error(system, make_config, monkeypatch):
+    monkeypatch.setattr("recursivemas.train.objectives._token_pairs", lambda src, dst: [])
+    objective = AlignObjective(system, make_config(objective={"outer": "align"}))
+    with pytest.raises(ConfigError, match="share no token text"):
+        objective.loss(ROWS, keys=[0, 1])

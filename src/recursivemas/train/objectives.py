@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from recursivemas.agent import Agent, GenerationConfig, Piece, PromptBatch, position_ids
-from recursivemas.errors import InputError
+from recursivemas.errors import ConfigError, InputError
+from recursivemas.realign import vocabulary_by_text
 from recursivemas.system import RecursiveMAS
 from recursivemas.train.config import TrainConfig
 from recursivemas.train.data import TrainRow
@@ -465,7 +466,7 @@ class AlignObjective:
 
         loss = mean_t CE( cos(R_out(x_t), Y) / tau,  t' ),    tau = ``ALIGN_TEMPERATURE``
 
-    (a contrastive read-out: the mapped vector's nearest receiver token must be ``t``). Each step uses
+    (a contrastive read-out: the mapped vector's nearest receiver token must be ``t'``). Each step uses
     the tokens of its rows' texts (question, context, answer) plus as many shared tokens drawn from a
     generator seeded by the row ids, so steps are deterministic. No language model runs: it costs a
     few matrix products per step, and it is what the training-free least-squares bridge approximates.
@@ -484,6 +485,11 @@ class AlignObjective:
         key = f"{id(src.model)}->{id(dst.model)}"
         if key not in self._tables:
             pairs = _token_pairs(src.tokenizer, dst.tokenizer)
+            if not pairs:
+                raise ConfigError(
+                    f"agents {src.name!r} and {dst.name!r} share no token text, so the align objective "
+                    "cannot fit their link; use objective.outer: unrolled for it"
+                )
             src_ids = torch.tensor([a for a, _ in pairs])
             dst_ids = torch.tensor([b for _, b in pairs])
             with torch.no_grad():
@@ -497,13 +503,13 @@ class AlignObjective:
     def loss(self, rows: Sequence[TrainRow], keys: Sequence[int] | None = None) -> LossOutput:
         total, metrics, count = None, {}, 0
         seed = sum(keys) if keys is not None else 0
+        texts = [
+            " ".join([r.question, *r.context.values(), self.answer_format.format(answer=r.answer)])
+            for r in rows
+        ]
         for edge in self.edges:
             src, dst = self.system.agents[edge.src], self.system.agents[edge.dst]
             x, y, row_of = self.tables(src, dst)
-            texts = [
-                " ".join([r.question, *r.context.values(), self.answer_format.format(answer=r.answer)])
-                for r in rows
-            ]
             seen = {
                 row_of[i]
                 for ids in src.tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -535,17 +541,7 @@ def _token_pairs(src_tokenizer: Any, dst_tokenizer: Any) -> list[tuple[int, int]
     """(sender id, receiver id) for every sender token whose decoded text (whitespace kept) the receiver
     encodes as exactly one token (whitespace tokens included); special and partial-byte sender tokens
     are skipped, and of several sender tokens with the same text the lowest id is kept."""
-    special = set(src_tokenizer.all_special_ids)
-    ids = [[i] for i in range(len(src_tokenizer))]
-    backend = getattr(src_tokenizer, "backend_tokenizer", None)  # the Rust tokenizer: ~10x faster
-    if backend is not None:
-        texts = backend.decode_batch(ids, skip_special_tokens=False)
-    else:
-        texts = src_tokenizer.batch_decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    first: dict[str, int] = {}
-    for i, text in enumerate(texts):
-        if i not in special and text and "\ufffd" not in text:
-            first.setdefault(text, i)
+    first = vocabulary_by_text(src_tokenizer, strip=False)
     encoded = dst_tokenizer(list(first), add_special_tokens=False)["input_ids"]
     return [(i, ids[0]) for i, ids in zip(first.values(), encoded, strict=True) if len(ids) == 1]
 
