@@ -162,14 +162,23 @@ def _apply_chat_template(tokenizer: Any, system: str, user: str, kwargs: dict) -
 
 # --- role templates of the built-in patterns -------------------------------------------------------
 
-_CONTEXT_BLOCK = "[[Private notes (only you can see them):\n{context}\n\n]]"
+
+def _context_block(instruction: str = "") -> str:
+    """The optional private-notes block (dropped without context), with an instruction line inside it."""
+    return (
+        "[[Private notes (only you can see them):\n{context}\n"
+        + (instruction and instruction + "\n")
+        + "\n]]"
+    )
+
+
+_CONTEXT_BLOCK = _context_block()
 
 PLANNER = PromptTemplate(
     system="You are the Planner in a team of agents. Think about the problem and lay out a short plan.",
     user=(
-        "[[Private notes (only you can see them):\n{context}\n"
-        "Start your plan by restating the facts from these notes that your team needs.\n\n]]"
-        "Question: {question}\n"
+        _context_block("Start your plan by restating the facts from these notes that your team needs.")
+        + "Question: {question}\n"
         "[[\nYour team's answer from the previous round: {slot:feedback}\n]]"
         "\nWrite a concise step-by-step plan to solve the question."
     ),
