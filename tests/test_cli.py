@@ -148,6 +148,7 @@ def test_demo_compares_modes(capsys):
     out, _ = capsys.readouterr()
     assert code == 0
     assert "=== latent mode" in out and "=== text mode" in out and "fewer tokens" in out
+    assert "answering " in out and "not an accuracy one" in out  # a token saving never without answers
 
 
 def test_models_lists_presets_and_cache_state(capsys):

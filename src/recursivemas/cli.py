@@ -179,14 +179,19 @@ def demo_command(opts: SystemOptions, question: str) -> int:
         print(format_trace(results[mode]))
     latent, text = results["latent"], results["text"]
     print("=== comparison ===")
-    print(f"{'':10}{'decoded tokens':>16}{'latent steps':>14}{'seconds':>10}")
+    print(f"{'':10}{'decoded tokens':>16}{'latent steps':>14}{'seconds':>10}  answer")
     for name, r in results.items():
         print(
-            f"{name:10}{r.usage['decoded_tokens']:>16}{r.usage['latent_steps']:>14}{r.timings['total_s']:>10.2f}"
+            f"{name:10}{r.usage['decoded_tokens']:>16}{r.usage['latent_steps']:>14}"
+            f"{r.timings['total_s']:>10.2f}  {r.answer!r}"
         )
     saved = 1 - latent.usage["decoded_tokens"] / max(1, text.usage["decoded_tokens"])
     speed = text.timings["total_s"] / max(latent.timings["total_s"], 1e-9)
-    print(f"latent mode decoded {100 * saved:.0f}% fewer tokens and ran x{speed:.1f} as fast as text mode.")
+    print(
+        f"latent mode decoded {100 * saved:.0f}% fewer tokens and ran x{speed:.1f} as fast as text mode, "
+        f"answering {latent.answer!r} against {text.answer!r} (one question: a cost comparison, not an "
+        "accuracy one; `recursivemas eval` measures accuracy)."
+    )
     return 0
 
 
