@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from recursivemas import realign
-from recursivemas.agent import Agent, Decoded, GenerationConfig, Piece, PromptBatch
+from recursivemas.agent import Agent, Decoded, GenerationConfig, PromptBatch
 from recursivemas.answers import extract_answer
 from recursivemas.errors import ConfigError, InputError
+from recursivemas.executor import Message, RoundLoop, Stage
 from recursivemas.links import InnerLink, LinkConfig, OuterLink, build_link, init_default, init_identity
 from recursivemas.prompts import validate_question
 from recursivemas.trace import RunResult, StageTrace
@@ -60,6 +61,7 @@ class SystemConfig:
         edges: latent/text messages between agents.
         rounds: number of recursion rounds r (>= 1).
         latent_steps: latent thoughts m per agent and round (>= 1).
+        agent_latent_steps: per-agent overrides of ``latent_steps`` (e.g. a larger expert thinks longer).
         variant: link form, ``"paper"`` or ``"release"``.
         pattern: name of the builder that made the graph (informational).
     """
@@ -71,6 +73,7 @@ class SystemConfig:
     latent_steps: int = 32
     variant: str = "paper"
     pattern: str = "custom"
+    agent_latent_steps: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.edges = [e if isinstance(e, Edge) else Edge(**e) for e in self.edges]
@@ -79,6 +82,10 @@ class SystemConfig:
         if self.answerer not in self.order:
             raise ConfigError(f"answerer {self.answerer!r} is not in order {self.order}")
         check_positive(rounds=self.rounds, latent_steps=self.latent_steps)
+        for name, steps in self.agent_latent_steps.items():
+            if name not in self.order:
+                raise ConfigError(f"agent_latent_steps names agent {name!r}, which is not in {self.order}")
+            check_positive(**{f"agent_latent_steps[{name!r}]": steps})
         seen: set[tuple[str, str]] = set()
         for edge in self.edges:
             for end in (edge.src, edge.dst):
@@ -90,6 +97,10 @@ class SystemConfig:
         keys = [e.key for e in self.edges]
         if len(keys) != len(set(keys)):
             raise ConfigError(f"at most one edge per sender and receiver (each has its own link), got {keys}")
+
+    def steps(self, name: str) -> int:
+        """Latent thoughts per turn of agent ``name``: its override, else ``latent_steps``."""
+        return self.agent_latent_steps.get(name, self.latent_steps)
 
     def incoming(self, name: str) -> list[Edge]:
         return [e for e in self.edges if e.dst == name]
@@ -114,6 +125,7 @@ class SystemConfig:
             "latent_steps": self.latent_steps,
             "variant": self.variant,
             "pattern": self.pattern,
+            "agent_latent_steps": dict(self.agent_latent_steps),
         }
 
 
@@ -284,7 +296,9 @@ class RecursiveMAS(nn.Module):
     ) -> list[RunResult]:
         """Answer every input; one ``RunResult`` per input, in order.
 
-        ``generation.max_new_tokens`` bounds every decode (text-mode intermediate stages included).
+        ``latent_steps`` sets every agent's number of thoughts; by default each agent uses
+        ``config.steps(name)``. ``generation.max_new_tokens`` bounds every decode (text-mode
+        intermediate stages included).
         Question ``i`` samples with seed ``seeds[i]`` if given, else ``generation.seed + i``, so results
         do not depend on ``batch_size``. ``use_cache=False`` runs the re-encode reference rollout.
         ``lens_top_k > 0`` records, for every latent stage, the ``k`` nearest vocabulary tokens of each
@@ -297,11 +311,13 @@ class RecursiveMAS(nn.Module):
             mode=mode,
             generation=generation or GenerationConfig(),
             rounds=self.config.rounds if rounds is None else rounds,
-            latent_steps=self.config.latent_steps if latent_steps is None else latent_steps,
+            latent_steps=latent_steps,
             use_cache=use_cache,
             lens_top_k=lens_top_k,
         )
-        check_positive(rounds=settings.rounds, latent_steps=settings.latent_steps, batch_size=batch_size)
+        check_positive(rounds=settings.rounds, batch_size=batch_size)
+        if latent_steps is not None:
+            check_positive(latent_steps=latent_steps)
         items = [MASInput.parse(x, f"input {i + 1}") for i, x in enumerate(inputs)]
         seeds = (
             list(seeds) if seeds is not None else [settings.generation.seed + i for i in range(len(items))]
@@ -337,40 +353,27 @@ class _Settings:
     mode: str
     generation: GenerationConfig
     rounds: int
-    latent_steps: int
+    latent_steps: int | None
     use_cache: bool
     lens_top_k: int
 
 
-@dataclass
-class _Message:
-    """What an agent last produced: latent embeds (B, m, d_src) = R_in(H), or one text per row."""
-
-    latent: torch.Tensor | None = None
-    texts: list[str] | None = None
-
-
 class _BatchRun:
-    """One batch through the graph for all rounds; builds traces as it goes."""
+    """One batch through the graph for all rounds (``executor.RoundLoop``); builds traces as it goes."""
 
     def __init__(
         self, system: RecursiveMAS, items: list[MASInput], seeds: list[int], settings: _Settings
     ) -> None:
         self.system, self.items, self.seeds, self.settings = system, items, seeds, settings
         self.traces: list[list[StageTrace]] = [[] for _ in items]
-        self.messages: dict[str, _Message] = {}
 
     def run(self) -> list[RunResult]:
         start = time.perf_counter()
-        cfg = self.system.config
-        if self.settings.mode == "single":
-            final = self._stage(cfg.answerer, 1, final=True)
-        else:
-            for round_ in range(1, self.settings.rounds + 1):
-                for name in cfg.schedule(round_, self.settings.rounds):
-                    final = self._stage(
-                        name, round_, final=round_ == self.settings.rounds and name == cfg.answerer
-                    )
+        mode = self.settings.mode
+        loop = RoundLoop(
+            self.system, self.items, self.settings.rounds, self, text=mode == "text", single=mode == "single"
+        )
+        final: Decoded = loop.run()
         total = time.perf_counter() - start
         return [
             RunResult.build(
@@ -379,31 +382,21 @@ class _BatchRun:
             for item, text, trace in zip(self.items, final.texts, self.traces, strict=True)
         ]
 
-    def _stage(self, name: str, round_: int, final: bool) -> Decoded:
-        agent = self.system.agents[name]
+    def speak(self, stage: Stage, agent: Agent, batch: PromptBatch) -> tuple[Message, Decoded]:
         start = time.perf_counter()
-        values = self._slot_values(name) if self.settings.mode != "single" else {}
-        rows = []
-        for i, item in enumerate(self.items):
-            segments = agent.render(item.question, item.context.get(name), set(values))
-            rows.append(agent.fill(segments, {slot: v[i] for slot, v in values.items()}))
-        batch = agent.encode(rows)
-        if final or self.settings.mode == "text":
-            decoded = agent.decode(
-                batch, self.settings.generation, [stage_seed(s, name, round_) for s in self.seeds]
-            )
-            self.messages[name] = _Message(texts=decoded.texts)
-            self._record(
-                name, round_, "text", batch, 0, decoded.num_tokens, start, final, texts=decoded.texts
-            )
-            return decoded
-        m = self.settings.latent_steps
+        seeds = [stage_seed(s, stage.name, stage.round) for s in self.seeds]
+        decoded = agent.decode(batch, self.settings.generation, seeds)
+        self._record(stage, "text", batch, 0, decoded.num_tokens, start, texts=decoded.texts)
+        return Message(texts=decoded.texts), decoded
+
+    def think(self, stage: Stage, agent: Agent, batch: PromptBatch) -> Message:
+        start = time.perf_counter()
+        m = self.settings.latent_steps or self.system.config.steps(stage.name)  # run-wide override first
         rollout = agent.think if self.settings.use_cache else agent.think_reference
-        thoughts = rollout(batch, m, self.system.inner(name), round_)
-        self.messages[name] = _Message(latent=thoughts.embeds)
-        lens = self._lens(name, thoughts.embeds) if self.settings.lens_top_k else None
-        self._record(name, round_, "latent", batch, m, [0] * len(self.items), start, final, lens)
-        return Decoded([], [])
+        thoughts = rollout(batch, m, self.system.inner(stage.name), stage.round)
+        lens = self._lens(stage.name, thoughts.embeds) if self.settings.lens_top_k else None
+        self._record(stage, "latent", batch, m, [0] * len(self.items), start, lens)
+        return Message(latent=thoughts.embeds)
 
     def _lens(self, name: str, embeds: torch.Tensor) -> list[dict[str, list[list[str]]]]:
         """Per row: nearest tokens of each latent thought in the sender's space and in each receiver's."""
@@ -420,32 +413,14 @@ class _BatchRun:
             for i in range(embeds.shape[0])
         ]
 
-    def _slot_values(self, name: str) -> dict[str, list[Piece]]:
-        """Per slot, one piece per row: text, or latent vectors (m, d_dst) mapped by the edge's outer link."""
-        agent = self.system.agents[name]
-        values: dict[str, list[Piece]] = {}
-        for edge in self.system.config.incoming(name):
-            message = self.messages.get(edge.src)
-            if message is None:
-                continue
-            if message.texts is not None:
-                values[edge.slot] = list(message.texts)
-            else:
-                mapped = self.system.outer(edge)(message.latent)  # (B, m, d_dst) on the sender's device
-                mapped = mapped.to(device=agent.device, dtype=agent.dtype)
-                values[edge.slot] = list(mapped)
-        return values
-
     def _record(
         self,
-        name: str,
-        round_: int,
+        stage: Stage,
         kind: str,
         batch: PromptBatch,
         latent_steps: int,
         decoded: list[int],
         start: float,
-        final: bool,
         lens: list | None = None,
         texts: list[str] | None = None,
     ) -> None:
@@ -453,15 +428,15 @@ class _BatchRun:
         for i, trace in enumerate(self.traces):
             trace.append(
                 StageTrace(
-                    agent=name,
-                    round=round_,
+                    agent=stage.name,
+                    round=stage.round,
                     kind=kind,
                     latent_steps=latent_steps,
                     decoded_tokens=decoded[i],
                     prompt_tokens=batch.text_tokens[i],
                     latent_inputs=batch.latent_inputs[i],
                     seconds=seconds,
-                    final=final,
+                    final=stage.final,
                     lens=None if lens is None else lens[i],
                     text=None if texts is None else texts[i],
                 )

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from recursivemas.agent import Agent, GenerationConfig, Piece, PromptBatch, position_ids
 from recursivemas.errors import ConfigError, InputError
+from recursivemas.executor import Message, RoundLoop, Stage, render_rows
 from recursivemas.realign import vocabulary_by_text
 from recursivemas.system import RecursiveMAS
 from recursivemas.train.config import TrainConfig
@@ -144,15 +145,6 @@ def maybe_checkpoint(enabled: bool, fn: Callable, *args: torch.Tensor):
     return fn(*args)
 
 
-def prompt_rows(agent: Agent, rows: Sequence[TrainRow], values: dict[str, list[Piece]]) -> list[list[Piece]]:
-    """Each row's spliced prompt for ``agent`` with the given slot values (one piece per row)."""
-    out = []
-    for i, row in enumerate(rows):
-        segments = agent.render(row.question, row.context.get(agent.name), set(values))
-        out.append(agent.fill(segments, {slot: v[i] for slot, v in values.items()}))
-    return out
-
-
 # --- inner loop --------------------------------------------------------------------------------------
 
 
@@ -228,7 +220,7 @@ class InnerObjective:
     def examples(self, agent: Agent, rows: Sequence[TrainRow]) -> list[InnerExample]:
         """Each row's (hidden states, targets) at its target positions, from one forward of ``agent``."""
         values, texts = self.targets(agent, rows)
-        batch = agent.encode(prompt_rows(agent, rows, values))
+        batch = agent.encode(render_rows(agent, rows, values))
         ids = target_ids(agent, texts, self.max_target_tokens)
         seq = continue_with(agent, batch, ids)
         hidden = last_hidden(agent, seq)  # (B, S, d)
@@ -309,23 +301,10 @@ class OuterObjective:
     def __init__(self, system: RecursiveMAS, config: TrainConfig) -> None:
         self.system = system
         self.rounds = config.system.rounds
-        self.latent_steps = config.system.latent_steps
         self.answer_format = config.data.answer_format
         self.max_answer_tokens = config.data.max_answer_tokens
         self.intermediate_weight = config.objective.intermediate_weight
         self.checkpointing = config.objective.gradient_checkpointing
-
-    def slot_values(self, name: str, messages: dict[str, list[torch.Tensor]]) -> dict[str, list[Piece]]:
-        """Per incoming edge with a message: one (m_i, d_dst) tensor per row, ``R_out`` of the sender's."""
-        agent = self.system.agents[name]
-        values: dict[str, list[Piece]] = {}
-        for edge in self.system.config.incoming(name):
-            if edge.src in messages:
-                link = self.system.outer(edge)
-                values[edge.slot] = [
-                    link(m).to(device=agent.device, dtype=agent.dtype) for m in messages[edge.src]
-                ]
-        return values
 
     def answer_loss(self, rows: Sequence[TrainRow], batch: PromptBatch) -> tuple[torch.Tensor, int]:
         agent = self.system.agents[self.system.config.answerer]
@@ -359,49 +338,62 @@ class OuterObjective:
                 )
 
     def source(
-        self, name: str, round_: int, rows: Sequence[TrainRow], batch: PromptBatch
+        self, stage: Stage, agent: Agent, rows: Sequence[TrainRow], batch: PromptBatch
     ) -> list[torch.Tensor]:
-        """The latent message agent ``name`` sends in ``round_``: one (m_i, d) tensor per row."""
+        """The latent message ``agent`` sends at ``stage``: one (m_i, d) tensor per row."""
         raise NotImplementedError
 
     def loss(self, rows: Sequence[TrainRow], keys: Sequence[int] | None = None) -> LossOutput:
-        cfg = self.system.config
-        messages: dict[str, list[torch.Tensor]] = {}
-        pending: list[tuple[int, list[torch.Tensor]]] = []
-        final_loss, count, extra = None, 0, []
-        for round_ in range(1, self.rounds + 1):
-            for name in cfg.schedule(round_, self.rounds):
-                agent = self.system.agents[name]
-                batch = agent.encode(prompt_rows(agent, rows, self.slot_values(name, messages)))
-                if name == cfg.answerer and (round_ == self.rounds or self.intermediate_weight > 0):
-                    ce, n = self.answer_loss(rows, batch)
-                    if round_ == self.rounds:
-                        final_loss, count = ce / n, n
-                        break
-                    extra.append(ce / n)
-                messages[name] = [self._leaf(t) for t in self.source(name, round_, rows, batch)]
-                pending.append((round_, messages[name]))
+        """One pass of the round loop (``executor.RoundLoop``) with latent turns from ``source`` and the
+        answer CE as the final turn."""
+        turns = _LossTurns(self, rows)
+        final_loss, count = RoundLoop(self.system, rows, self.rounds, turns).run()
         loss = final_loss
         metrics = {"answer_ce": float(final_loss.detach())}
-        if extra:
-            loss = loss + self.intermediate_weight * sum(e.to(loss.device) for e in extra)
-            metrics["intermediate_ce"] = float(sum(float(e.detach()) for e in extra) / len(extra))
+        if turns.extra:
+            loss = loss + self.intermediate_weight * sum(e.to(loss.device) for e in turns.extra)
+            metrics["intermediate_ce"] = float(sum(float(e.detach()) for e in turns.extra) / len(turns.extra))
         out = LossOutput(loss, count, metrics)
-        for round_, tensors in pending:
+        for round_, tensors in turns.pending:
             self.track(out, round_, tensors)
         return out
+
+
+class _LossTurns:
+    """The turns of one training batch: latent turns are the objective's ``source`` (with gradients);
+    the answerer's intermediate-round CE is added when asked; the final turn is the answer CE."""
+
+    def __init__(self, objective: OuterObjective, rows: Sequence[TrainRow]) -> None:
+        self.objective, self.rows = objective, rows
+        self.pending: list[tuple[int, list[torch.Tensor]]] = []
+        self.extra: list[torch.Tensor] = []
+
+    def think(self, stage: Stage, agent: Agent, batch: PromptBatch) -> Message:
+        obj = self.objective
+        if stage.name == obj.system.config.answerer and obj.intermediate_weight > 0:
+            ce, n = obj.answer_loss(self.rows, batch)
+            self.extra.append(ce / n)
+        tensors = [obj._leaf(t) for t in obj.source(stage, agent, self.rows, batch)]
+        self.pending.append((stage.round, tensors))
+        return Message(latent=tensors)
+
+    def speak(
+        self, stage: Stage, agent: Agent, batch: PromptBatch
+    ) -> tuple[Message, tuple[torch.Tensor, int]]:
+        ce, n = self.objective.answer_loss(self.rows, batch)
+        return Message(), (ce / n, n)
 
 
 class UnrolledObjective(OuterObjective):
     """Paper-faithful: each non-final stage is a real KV-cached latent rollout of ``m`` steps."""
 
     def source(
-        self, name: str, round_: int, rows: Sequence[TrainRow], batch: PromptBatch
+        self, stage: Stage, agent: Agent, rows: Sequence[TrainRow], batch: PromptBatch
     ) -> list[torch.Tensor]:
-        agent, inner = self.system.agents[name], self.system.inner(name)
+        inner, steps = self.system.inner(stage.name), self.system.config.steps(stage.name)
 
         def rollout(embeds: torch.Tensor) -> torch.Tensor:
-            thoughts = agent.think(PromptBatch(embeds, batch.mask, [], []), self.latent_steps, inner, round_)
+            thoughts = agent.think(PromptBatch(embeds, batch.mask, [], []), steps, inner, stage.round)
             return thoughts.embeds  # (B, m, d) = R_in(H)
 
         embeds = maybe_checkpoint(self.checkpointing, rollout, batch.embeds)
@@ -433,10 +425,10 @@ class TeacherForcedObjective(OuterObjective):
             )
 
     def source(
-        self, name: str, round_: int, rows: Sequence[TrainRow], batch: PromptBatch
+        self, stage: Stage, agent: Agent, rows: Sequence[TrainRow], batch: PromptBatch
     ) -> list[torch.Tensor]:
-        agent, inner = self.system.agents[name], self.system.inner(name)
-        field_name = self.fields[name]
+        inner = self.system.inner(stage.name)
+        field_name = self.fields[stage.name]
         texts = [
             self.answer_format.format(answer=r.answer) if field_name == "answer" else r.field(field_name)
             for r in rows
