@@ -321,6 +321,9 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
         "--val-size", type=int, default=0, help="validation questions, disjoint from the test ones"
     )
     ev.add_argument("--data-seed", type=int, default=0, help="seed of generated tasks (reasoning-gym, relay)")
+    ev.add_argument(
+        "--relay-sender", metavar="NAME", help="relay: the agent told the fact (default: the first to act)"
+    )
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--max-new-tokens", type=int, default=256)
     ev.add_argument("--temperature", type=float, default=0.6)

@@ -18,7 +18,7 @@ from recursivemas.agent import Agent
 from recursivemas.checkpoint import load_links
 from recursivemas.errors import ConfigError
 from recursivemas.models import load_model
-from recursivemas.patterns import pair, sequential
+from recursivemas.patterns import build_pattern
 from recursivemas.system import RecursiveMAS
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -37,9 +37,6 @@ class Preset:
     links: Path | None = None
 
 
-PATTERNS: dict[str, Callable[..., RecursiveMAS]] = {"sequential": sequential, "pair": pair}
-
-
 def build_from_specs(
     agents: dict[str, str],
     pattern: str = "sequential",
@@ -50,20 +47,17 @@ def build_from_specs(
     latent_steps: int = 16,
     links: str | Path | None = None,
 ) -> RecursiveMAS:
-    """The ``pattern`` system over ``agents`` (role -> model spec, in the builder's argument order; a
-    spec named twice is loaded once and shared). ``init == "trained"`` loads the link checkpoint
-    ``links``."""
-    if pattern not in PATTERNS:
-        raise ConfigError(f"unknown pattern {pattern!r}; choose one of {', '.join(PATTERNS)}")
+    """The ``pattern`` system (see ``recursivemas.patterns``) over ``agents`` (role -> model spec; a spec
+    named twice is loaded once and shared). ``init == "trained"`` loads the link checkpoint ``links``."""
     if init == TRAINED and links is None:
         raise ConfigError("this preset ships no trained links; use init 'training-free'")
     loaded = {spec: load_model(spec, dtype, device) for spec in dict.fromkeys(agents.values())}
-    built = [
-        Agent(name=role, model=loaded[spec][0], tokenizer=loaded[spec][1], model_id=spec)
+    built = {
+        role: Agent(name=role, model=loaded[spec][0], tokenizer=loaded[spec][1], model_id=spec)
         for role, spec in agents.items()
-    ]
-    system = PATTERNS[pattern](
-        *built, rounds=rounds, latent_steps=latent_steps, init="identity" if init == TRAINED else init
+    }
+    system = build_pattern(
+        pattern, built, rounds=rounds, latent_steps=latent_steps, init="identity" if init == TRAINED else init
     )
     return load_links(system, links) if init == TRAINED else system
 
@@ -81,6 +75,20 @@ def _preset_builder(
 _BUNDLED_AGENTS = {"planner": "smollm2-135m", "critic": "gemma3-270m", "solver": "smollm2-135m"}
 _PAIR_AGENTS = {"planner": "smollm2-135m", "solver": "smollm2-135m"}
 _TINY_AGENTS = {"planner": "tiny-random:llama", "critic": "tiny-random:gemma3", "solver": "tiny-random:qwen3"}
+_MIXTURE_AGENTS = {
+    "math": "smollm2-135m",
+    "code": "gemma3-270m",
+    "science": "smollm2-135m",
+    "summarizer": "smollm2-135m",
+}
+_DISTILLATION_AGENTS = {"expert": "gemma3-270m", "learner": "smollm2-135m"}
+_TINY_MIXTURE_AGENTS = {
+    "math": "tiny-random:llama",
+    "code": "tiny-random:gemma3",
+    "science": "tiny-random:qwen3",
+    "summarizer": "tiny-random:llama",
+}
+_TINY_DISTILLATION_AGENTS = {"expert": "tiny-random:gemma3", "learner": "tiny-random:llama"}
 
 PRESETS: dict[str, Preset] = {
     "tiny-random": Preset(
@@ -107,6 +115,34 @@ PRESETS: dict[str, Preset] = {
         _PAIR_AGENTS,
         _preset_builder(_PAIR_AGENTS, "pair", WEIGHTS_DIR / "smollm2-pair"),
         WEIGHTS_DIR / "smollm2-pair",
+    ),
+    "smollm2-gemma3-mixture": Preset(
+        "smollm2-gemma3-mixture",
+        "Mixture: math and science specialists (SmolLM2-135M-Instruct) and a code specialist (Gemma-3-270M) "
+        "think in parallel; a SmolLM2 summarizer reads all three and answers. Training-free links.",
+        _MIXTURE_AGENTS,
+        _preset_builder(_MIXTURE_AGENTS, "mixture"),
+    ),
+    "smollm2-gemma3-distillation": Preset(
+        "smollm2-gemma3-distillation",
+        "Distillation: the larger Gemma-3-270M expert thinks, the SmolLM2-135M-Instruct learner reads its "
+        "message and answers. Training-free links.",
+        _DISTILLATION_AGENTS,
+        _preset_builder(_DISTILLATION_AGENTS, "distillation"),
+    ),
+    "tiny-random-mixture": Preset(
+        "tiny-random-mixture",
+        "Mixture over tiny random models (math: Llama, code: Gemma3, science: Qwen3; summarizer: Llama). "
+        "For tests and smoke checks.",
+        _TINY_MIXTURE_AGENTS,
+        _preset_builder(_TINY_MIXTURE_AGENTS, "mixture"),
+    ),
+    "tiny-random-distillation": Preset(
+        "tiny-random-distillation",
+        "Distillation over tiny random models (expert: Gemma3 d=96, learner: Llama d=64). For tests and "
+        "smoke checks.",
+        _TINY_DISTILLATION_AGENTS,
+        _preset_builder(_TINY_DISTILLATION_AGENTS, "distillation"),
     ),
 }
 DEFAULT_PRESET = "smollm2-gemma3"

@@ -211,3 +211,52 @@ PAIR_SOLVER = PromptTemplate(
     ),
 )
 """The solver of the two-agent ``pair`` pattern: the planner's message arrives in slot ``planner``."""
+
+EXPERT = PromptTemplate(
+    system="You are the Expert in a team of agents. A learner will solve the problem with your guidance.",
+    user=(
+        _context_block("Start your plan by restating the facts from these notes that the learner needs.")
+        + "Question: {question}\n"
+        "[[\nThe learner's answer from the previous round: {slot:feedback}\n]]"
+        "\nGive the learner a concise, execution-ready plan, not the answer."
+    ),
+)
+LEARNER = PromptTemplate(
+    system="You are the Learner in a team of agents. Solve the problem using the expert's plan.",
+    user=(
+        _CONTEXT_BLOCK + "Question: {question}\n"
+        "[[\nThe Expert's plan: {slot:expert}\n]]"
+        "\nSolve the question step by step and put the final answer in \\boxed{}."
+    ),
+)
+"""The two roles of the ``distillation`` pattern: the expert's message arrives in the learner's ``expert``
+slot, the learner's previous-round message in the expert's ``feedback`` slot."""
+
+ROLE_TEMPLATES.update({"expert": EXPERT, "learner": LEARNER})
+
+
+def specialist_template(domain: str) -> PromptTemplate:
+    """A ``mixture`` specialist of ``domain`` (e.g. ``"math"``); the summarizer's previous-round message
+    arrives in its ``summary`` slot."""
+    return PromptTemplate(
+        system=f"You are the {domain} specialist in a team of agents. Look at the question as an expert "
+        f"in {domain} would.",
+        user=(
+            _context_block("Start your notes by restating the facts from these notes that your team needs.")
+            + "Question: {question}\n"
+            "[[\nThe team's answer from the previous round: {slot:summary}\n]]"
+            f"\nWrite short notes on how {domain} helps to answer the question."
+        ),
+    )
+
+
+def summarizer_template(domains: list[str]) -> PromptTemplate:
+    """The ``mixture`` summarizer: specialist ``d``'s message arrives in slot ``d``."""
+    notes = "".join(f"[[\nThe {d} specialist's notes: {{slot:{d}}}\n]]" for d in domains)
+    return PromptTemplate(
+        system="You are the Summarizer in a team of agents. Combine the specialists' notes into one answer.",
+        user=(
+            _CONTEXT_BLOCK + "Question: {question}\n" + notes + "\nSolve the question step by step and put "
+            "the final answer in \\boxed{}."
+        ),
+    )

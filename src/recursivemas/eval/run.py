@@ -56,6 +56,7 @@ class EvalOptions:
     lenient: bool
     device: str
     dtype: str
+    relay_sender: str | None = None
 
 
 def _int_list(text: str, flag: str) -> tuple[int, ...]:
@@ -89,7 +90,6 @@ def evaluate_command(opts: EvalOptions) -> int:
     sweep = _int_list(opts.sweep_latent_steps, "--sweep-latent-steps") if opts.sweep_latent_steps else ()
     if sweep and opts.latent_steps is not None:
         raise ConfigError("give either --latent-steps or --sweep-latent-steps, not both")
-    task = load_task(opts.task, opts.limit, opts.data_seed, opts.val_size)
     out = Path(opts.output)
     try:
         (out / ".shards").mkdir(parents=True, exist_ok=True)
@@ -100,6 +100,13 @@ def evaluate_command(opts: EvalOptions) -> int:
     state = PartialState(cpu=opts.device == "cpu")  # gloo on CPU, NCCL on GPUs
     device = str(state.device) if opts.device == "cuda" and state.num_processes > 1 else opts.device
     system = load_system(opts.preset, opts.checkpoint, opts.dtype, device)
+    sender = opts.relay_sender or system.config.order[0]
+    if sender not in system.agents:
+        raise ConfigError(
+            f"--relay-sender {sender!r} is not an agent of this system; "
+            f"choose one of {', '.join(system.agents)}"
+        )
+    task = load_task(opts.task, opts.limit, opts.data_seed, opts.val_size, relay_sender=sender)
     report_settings = {
         **asdict(settings),
         "task": opts.task,

