@@ -7,7 +7,8 @@ An agent can
   states ``H = [h_1..h_m]`` and ``E = [R_in(h_1)..R_in(h_m)]``;
 * ``think_reference()``: the same rollout by re-encoding the whole sequence at every step, as the
   release does (for verification and benchmarks);
-* ``decode()``: generate text (greedy or sampled) from a spliced prompt.
+* ``decode()``: generate text (greedy or sampled) from a spliced prompt;
+* ``decode_with_tools()``: the same, with tool calls run inside the decode (results fed into the cache).
 
 Batches are left padded with zero vectors and attention mask 0; position ids are counted over real
 positions only, so a row's result does not depend on the padding around it.
@@ -32,6 +33,7 @@ from recursivemas.errors import ConfigError, NonFiniteLatentError, PromptTooLong
 from recursivemas.links import InnerLink
 from recursivemas.models import load_model
 from recursivemas.prompts import PromptTemplate, Segment, SlotRef, render_prompt
+from recursivemas.tools import ToolBox, ToolCall
 
 # One row of a spliced prompt: text to tokenise with this agent's tokenizer, or latent vectors
 # (k, d) already in this agent's input-embedding space.
@@ -414,6 +416,103 @@ class Agent:
             kept = row[: n - 1] if row[n - 1] in self.eos_ids else row[:n]  # EOS may not be a special token
             texts.append(self.tokenizer.decode(kept, skip_special_tokens=True).strip())
         return Decoded(texts, counts, time.perf_counter() - start)
+
+    def decode_with_tools(
+        self,
+        batch: PromptBatch,
+        gen: GenerationConfig,
+        tools: ToolBox,
+        seeds: Sequence[int] | None = None,
+        prefix: str = "",
+    ) -> tuple[Decoded, list[list[ToolCall]]]:
+        """Generate text in which tool calls run (SPEC 5b, deliberation): row by row, decode until the
+        text since the last result holds a complete call (``ToolBox.find_call``), run it, feed
+        ``<result>...</result>`` into the same KV cache (the prompt is never re-encoded) and go on.
+        ``gen.max_new_tokens`` bounds the generated tokens of the whole decode, calls included;
+        ``prefix`` is text the prompt already ends with (e.g. an opening ``<python>`` tag): it counts as
+        decoded text for finding calls and starts each returned text. Returns the texts (calls and
+        results included) and each row's calls."""
+        start = time.perf_counter()
+        self.check_fits(batch, gen.max_new_tokens, "new tokens")
+        seeds = list(seeds) if seeds is not None else [gen.seed + i for i in range(batch.embeds.shape[0])]
+        texts, counts, calls = [], [], []
+        for i, seed in enumerate(seeds):
+            row = PromptBatch(batch.embeds[i : i + 1], batch.mask[i : i + 1], [], [])
+            text, count, row_calls = self._decode_row_with_tools(row, gen, tools, seed, prefix)
+            texts.append(text)
+            counts.append(count)
+            calls.append(row_calls)
+        return Decoded(texts, counts, time.perf_counter() - start), calls
+
+    def _decode_row_with_tools(
+        self, row: PromptBatch, gen: GenerationConfig, tools: ToolBox, seed: int, prefix: str
+    ) -> tuple[str, int, list[ToolCall]]:
+        warpers = _warpers(gen)
+        generators = [torch.Generator(device=self.device).manual_seed(int(seed))] if warpers else []
+        stream = _CachedStream(self, row)
+        done_text: list[str] = []  # transcript before the current segment (calls and results)
+        segment: list[int] = []  # ids generated since the last result
+        calls: list[ToolCall] = []
+        generated = 0
+        found = tools.find_call(prefix)
+        if found is not None:  # the prompt already ends with a complete call: run it first
+            calls.append(tools.call(*found, calls_so_far=0))
+            done_text += [prefix, ToolBox.result_text(calls[0])]
+            stream.feed(self.tokenizer(done_text[-1], add_special_tokens=False)["input_ids"])
+        while generated < gen.max_new_tokens:
+            token = int(_choose(stream.logits, warpers, generators))
+            generated += 1
+            if token in self.eos_ids:
+                break
+            segment.append(token)
+            feed = [token]
+            text = (prefix if not done_text else "") + self.tokenizer.decode(
+                segment, skip_special_tokens=True
+            )
+            found = tools.find_call(text) if ">" in self.tokenizer.decode([token]) else None
+            if found is not None:
+                calls.append(tools.call(*found, calls_so_far=len(calls)))
+                done_text += [text, ToolBox.result_text(calls[-1])]
+                segment = []
+                feed += self.tokenizer(done_text[-1], add_special_tokens=False)["input_ids"]
+                if stream.width + len(feed) + gen.max_new_tokens - generated > self.max_context:
+                    break  # the result does not fit the context: stop with the transcript so far
+            if generated == gen.max_new_tokens:
+                break
+            stream.feed(feed)
+        tail = (prefix if not done_text else "") + self.tokenizer.decode(segment, skip_special_tokens=True)
+        return ("".join(done_text) + tail).strip(), generated, calls
+
+
+class _CachedStream:
+    """One row's KV-cached forward passes: the prompt, then any tokens fed after it."""
+
+    def __init__(self, agent: Agent, row: PromptBatch) -> None:
+        self.model, self.device = agent.model, agent.device
+        self.cache = new_cache(self.model)
+        self.mask, self.pos = row.mask, position_ids(row.mask)  # (1, T)
+        self.logits = self._forward(inputs_embeds=row.embeds)  # (1, V) at the last position
+
+    @property
+    def width(self) -> int:
+        return self.mask.shape[1]
+
+    def feed(self, ids: list[int]) -> None:
+        """Append ``ids`` to the cache; ``logits`` become those after the last of them."""
+        n = len(ids)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(1, n)], dim=1)
+        self.pos = self.pos[:, -1:] + torch.arange(1, n + 1, device=self.device)[None]
+        self.logits = self._forward(input_ids=torch.tensor([ids], device=self.device))
+
+    def _forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        out = self.model(
+            **inputs,
+            attention_mask=self.mask,
+            position_ids=self.pos,
+            logits_to_keep=1,
+            **cache_kwargs(self.model, self.cache),
+        )
+        return out.logits[:, -1].float()
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: Any) -> list[int]:

@@ -18,6 +18,7 @@ outer link with its source and target roles. ``load_release`` reads those into a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -92,9 +93,7 @@ def save_pretrained(
                 "model": a.model_id,
                 "fingerprint": a.fingerprint(),
                 "hidden_size": a.hidden_size,
-                "template": None
-                if a.template is None
-                else {"system": a.template.system, "user": a.template.user},
+                "template": None if a.template is None else dataclasses.asdict(a.template),
                 "chat_template_kwargs": a.chat_template_kwargs,
             }
             for a in system.agents.values()

@@ -203,9 +203,9 @@ def format_result(result: RunResult) -> str:
             f"Q: {result.question}",
             f"A: {result.answer if result.answer is not None else '(no final answer found)'}",
             f"text: {result.text}",
-            f"[{result.mode}] {u['stages']} stages, {u['latent_steps']} latent steps, "
-            f"{u['decoded_tokens']} decoded tokens, {result.timings['total_s']:.2f}s "
-            f"(batch of {result.timings['batch_size']})",
+            f"[{result.mode}] {u['stages']} stages, {u['tool_calls']} tool calls, "
+            f"{u['latent_steps']} latent steps, {u['decoded_tokens']} decoded tokens, "
+            f"{result.timings['total_s']:.2f}s (batch of {result.timings['batch_size']})",
             "",
         ]
     )
@@ -218,8 +218,24 @@ def format_trace(result: RunResult) -> str:
     for s in result.trace:
         cells = (s.round, s.agent, s.kind, s.latent_steps, s.decoded_tokens, s.prompt_tokens, s.latent_inputs)
         lines.append("{:>5}  {:<12}{:<8}{:>7}{:>8}{:>7}{:>7}".format(*cells) + f"{s.seconds:>7.2f}")
-        lines += _lens_lines(s)
+        lines += _lens_lines(s) + _tool_lines(s)
     return "\n".join([*lines, ""])
+
+
+TOOL_CHARS_SHOWN = 120
+
+
+def _tool_lines(stage: StageTrace) -> list[str]:
+    call = stage.tool_call
+    if call is None:
+        return []
+
+    def short(text: str) -> str:
+        text = " ".join(text.split())
+        return repr(text if len(text) <= TOOL_CHARS_SHOWN else text[:TOOL_CHARS_SHOWN] + "...")
+
+    status = f"error: {call.error}" if call.error else "ok"
+    return [f"{'':7}<{call.tool}> {short(call.input)} -> {short(call.output)} ({status})"]
 
 
 def _lens_lines(stage: StageTrace) -> list[str]:

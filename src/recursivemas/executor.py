@@ -55,12 +55,15 @@ class Stage:
 
 
 class Turns(Protocol):
-    """What an agent does with its prompt batch. ``speak`` returns the message (text) and whatever the
-    caller wants from the final stage (a decode, a loss); ``think`` returns a latent message."""
+    """What an agent does with its prompt (``rows``, spliced; ``batch``, their embedding). ``speak``
+    returns the message (text) and whatever the caller wants from the final stage (a decode, a loss);
+    ``think`` returns a latent message."""
 
-    def speak(self, stage: Stage, agent: Agent, batch: PromptBatch) -> tuple[Message, Any]: ...
+    def speak(
+        self, stage: Stage, agent: Agent, batch: PromptBatch, rows: list[list[Piece]]
+    ) -> tuple[Message, Any]: ...
 
-    def think(self, stage: Stage, agent: Agent, batch: PromptBatch) -> Message: ...
+    def think(self, stage: Stage, agent: Agent, batch: PromptBatch, rows: list[list[Piece]]) -> Message: ...
 
 
 def render_rows(agent: Agent, items: Sequence[Item], values: dict[str, list[Piece]]) -> list[list[Piece]]:
@@ -107,15 +110,18 @@ class RoundLoop:
         return result
 
     def stage(self, stage: Stage) -> Any:
-        """Build ``stage.name``'s prompt batch from the messages so far and take its turn."""
+        """Build ``stage.name``'s prompt from the messages so far and take its turn; a speaking agent's
+        prompt ends with its template's ``response_prefix``."""
         agent = self.system.agents[stage.name]
         values = {} if self.single else self.slot_values(stage.name)
-        batch = agent.encode(render_rows(agent, self.items, values))
+        rows = render_rows(agent, self.items, values)
         if stage.final or self.text:
-            message, out = self.turns.speak(stage, agent, batch)
+            prefix = agent.template.response_prefix if agent.template is not None else ""
+            rows = [[*row, prefix] for row in rows] if prefix else rows
+            message, out = self.turns.speak(stage, agent, agent.encode(rows), rows)
             self.messages[stage.name] = message
             return out
-        self.messages[stage.name] = self.turns.think(stage, agent, batch)
+        self.messages[stage.name] = self.turns.think(stage, agent, agent.encode(rows), rows)
         return None
 
     def slot_values(self, name: str) -> dict[str, list[Piece]]:

@@ -88,6 +88,8 @@ _TINY_MIXTURE_AGENTS = {
     "science": "tiny-random:qwen3",
     "summarizer": "tiny-random:llama",
 }
+_DELIBERATION_AGENTS = {"reflector": "gemma3-270m", "toolcaller": "smollm2-135m"}
+_TINY_DELIBERATION_AGENTS = {"reflector": "tiny-random:gemma3", "toolcaller": "tiny-random:llama"}
 _TINY_DISTILLATION_AGENTS = {"expert": "tiny-random:gemma3", "learner": "tiny-random:llama"}
 
 PRESETS: dict[str, Preset] = {
@@ -129,6 +131,21 @@ PRESETS: dict[str, Preset] = {
         "message and answers. Training-free links.",
         _DISTILLATION_AGENTS,
         _preset_builder(_DISTILLATION_AGENTS, "distillation"),
+    ),
+    "smollm2-gemma3-deliberation": Preset(
+        "smollm2-gemma3-deliberation",
+        "Deliberation: a Gemma-3-270M reflector and a SmolLM2-135M-Instruct tool-caller exchange latent "
+        "messages; the tool-caller answers, running <python> and <search> (shipped offline corpus) calls "
+        "as it writes. Training-free links.",
+        _DELIBERATION_AGENTS,
+        _preset_builder(_DELIBERATION_AGENTS, "deliberation"),
+    ),
+    "tiny-random-deliberation": Preset(
+        "tiny-random-deliberation",
+        "Deliberation over tiny random models (reflector: Gemma3, tool-caller: Llama) with the python and "
+        "search tools. For tests and smoke checks.",
+        _TINY_DELIBERATION_AGENTS,
+        _preset_builder(_TINY_DELIBERATION_AGENTS, "deliberation"),
     ),
     "tiny-random-mixture": Preset(
         "tiny-random-mixture",

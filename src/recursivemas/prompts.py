@@ -51,10 +51,15 @@ Segment = str | SlotRef
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    """A role prompt: system text and a user text with ``{question}``, ``{context}``, slots, blocks."""
+    """A role prompt: system text and a user text with ``{question}``, ``{context}``, slots, blocks.
+
+    ``response_prefix`` starts the agent's reply when it writes text (not when it thinks): e.g. an
+    opening ``<python>`` tag, so that a small tool-caller begins with a tool call.
+    """
 
     system: str
     user: str
+    response_prefix: str = ""
 
     def __post_init__(self) -> None:
         if "{question}" not in self.user:
@@ -260,3 +265,29 @@ def summarizer_template(domains: list[str]) -> PromptTemplate:
             "the final answer in \\boxed{}."
         ),
     )
+
+
+REFLECTOR = PromptTemplate(
+    system="You are the Reflector in a team of agents. Think about the question and what your teammate "
+    "found, and say what to check or compute.",
+    user=(
+        _context_block("Start by restating the facts from these notes that your team needs.")
+        + "Question: {question}\n"
+        "[[\nThe Tool-caller's findings: {slot:toolcaller}\n]]"
+        "\nSay how to solve the question and what to compute or look up."
+    ),
+)
+TOOLCALLER = PromptTemplate(
+    system="You are the Tool-caller in a team of agents. To run Python, write <python>code</python> and "
+    "print() what you need. To search documents, write <search>keywords</search>. Each result comes "
+    "back inside <result></result>.",
+    user=(
+        _CONTEXT_BLOCK + "Question: {question}\n"
+        "[[\nThe Reflector's advice: {slot:reflector}\n]]"
+        "\nUse a tool if it helps, then put the final answer in \\boxed{}."
+    ),
+)
+"""The two roles of the ``deliberation`` pattern: the reflector's message arrives in the tool-caller's
+``reflector`` slot, the tool-caller's in the reflector's ``toolcaller`` slot."""
+
+ROLE_TEMPLATES.update({"reflector": REFLECTOR, "toolcaller": TOOLCALLER})

@@ -25,12 +25,13 @@ import torch
 from torch import nn
 
 from recursivemas import realign
-from recursivemas.agent import Agent, Decoded, GenerationConfig, PromptBatch
+from recursivemas.agent import Agent, Decoded, GenerationConfig, Piece, PromptBatch
 from recursivemas.answers import extract_answer
 from recursivemas.errors import ConfigError, InputError
 from recursivemas.executor import Message, RoundLoop, Stage
 from recursivemas.links import InnerLink, LinkConfig, OuterLink, build_link, init_default, init_identity
 from recursivemas.prompts import validate_question
+from recursivemas.tools import ToolBox, ToolCall, toolbox
 from recursivemas.trace import RunResult, StageTrace
 
 Mode = Literal["latent", "text", "single"]
@@ -62,6 +63,11 @@ class SystemConfig:
         rounds: number of recursion rounds r (>= 1).
         latent_steps: latent thoughts m per agent and round (>= 1).
         agent_latent_steps: per-agent overrides of ``latent_steps`` (e.g. a larger expert thinks longer).
+        tools: agent -> names of built-in tools (``recursivemas.tools.TOOL_FACTORIES``) it may call
+            while it writes text; ``RecursiveMAS.tools`` holds the live tool boxes.
+        max_tool_calls: tool calls per decode of one agent.
+        tools_in_latent_turns: a tool agent first decodes with its tools before a latent turn, and
+            thinks on its prompt followed by that transcript (off by default, as in the release).
         variant: link form, ``"paper"`` or ``"release"``.
         pattern: name of the builder that made the graph (informational).
     """
@@ -74,6 +80,9 @@ class SystemConfig:
     variant: str = "paper"
     pattern: str = "custom"
     agent_latent_steps: dict[str, int] = field(default_factory=dict)
+    tools: dict[str, list[str]] = field(default_factory=dict)
+    max_tool_calls: int = 5
+    tools_in_latent_turns: bool = False
 
     def __post_init__(self) -> None:
         self.edges = [e if isinstance(e, Edge) else Edge(**e) for e in self.edges]
@@ -86,6 +95,10 @@ class SystemConfig:
             if name not in self.order:
                 raise ConfigError(f"agent_latent_steps names agent {name!r}, which is not in {self.order}")
             check_positive(**{f"agent_latent_steps[{name!r}]": steps})
+        for name in self.tools:
+            if name not in self.order:
+                raise ConfigError(f"tools names agent {name!r}, which is not in {self.order}")
+        check_positive(max_tool_calls=self.max_tool_calls)
         seen: set[tuple[str, str]] = set()
         for edge in self.edges:
             for end in (edge.src, edge.dst):
@@ -126,6 +139,9 @@ class SystemConfig:
             "variant": self.variant,
             "pattern": self.pattern,
             "agent_latent_steps": dict(self.agent_latent_steps),
+            "tools": {k: list(v) for k, v in self.tools.items()},
+            "max_tool_calls": self.max_tool_calls,
+            "tools_in_latent_turns": self.tools_in_latent_turns,
         }
 
 
@@ -203,6 +219,9 @@ class RecursiveMAS(nn.Module):
         self.links = nn.ModuleDict({"inner": nn.ModuleDict(inner), "outer": nn.ModuleDict(outer)})
         for link in [*inner.values(), *outer.values()]:
             link.to(self.link_device(link.config))
+        self.tools: dict[str, ToolBox] = {
+            name: toolbox(names, max_tool_calls=config.max_tool_calls) for name, names in config.tools.items()
+        }
 
     def models(self) -> dict[str, Any]:
         """Each distinct model once, under the name of the first agent using it (agents may share one)."""
@@ -382,21 +401,44 @@ class _BatchRun:
             for item, text, trace in zip(self.items, final.texts, self.traces, strict=True)
         ]
 
-    def speak(self, stage: Stage, agent: Agent, batch: PromptBatch) -> tuple[Message, Decoded]:
+    def speak(
+        self, stage: Stage, agent: Agent, batch: PromptBatch, rows: list[list[Piece]]
+    ) -> tuple[Message, Decoded]:
         start = time.perf_counter()
-        seeds = [stage_seed(s, stage.name, stage.round) for s in self.seeds]
-        decoded = agent.decode(batch, self.settings.generation, seeds)
+        decoded = self._decode(stage, agent, batch)
         self._record(stage, "text", batch, 0, decoded.num_tokens, start, texts=decoded.texts)
         return Message(texts=decoded.texts), decoded
 
-    def think(self, stage: Stage, agent: Agent, batch: PromptBatch) -> Message:
+    def think(self, stage: Stage, agent: Agent, batch: PromptBatch, rows: list[list[Piece]]) -> Message:
         start = time.perf_counter()
+        decoded = [0] * len(self.items)
+        if self.system.config.tools_in_latent_turns and stage.name in self.system.tools:
+            prefix = agent.template.response_prefix if agent.template is not None else ""
+            tool_phase = self._decode(stage, agent, agent.encode([[*row, prefix] for row in rows]))
+            decoded = tool_phase.num_tokens
+            batch = agent.encode([[*row, text] for row, text in zip(rows, tool_phase.texts, strict=True)])
         m = self.settings.latent_steps or self.system.config.steps(stage.name)  # run-wide override first
         rollout = agent.think if self.settings.use_cache else agent.think_reference
         thoughts = rollout(batch, m, self.system.inner(stage.name), stage.round)
         lens = self._lens(stage.name, thoughts.embeds) if self.settings.lens_top_k else None
-        self._record(stage, "latent", batch, m, [0] * len(self.items), start, lens)
+        self._record(stage, "latent", batch, m, decoded, start, lens)
         return Message(latent=thoughts.embeds)
+
+    def _decode(self, stage: Stage, agent: Agent, batch: PromptBatch) -> Decoded:
+        """Decode ``batch``; an agent with tools runs its calls inside the decode (recorded as ``tool``
+        stages). Texts start with the template's ``response_prefix``, which ends the prompt."""
+        seeds = [stage_seed(s, stage.name, stage.round) for s in self.seeds]
+        prefix = agent.template.response_prefix if agent.template is not None else ""
+        tools = self.system.tools.get(stage.name)
+        if tools is None:
+            decoded = agent.decode(batch, self.settings.generation, seeds)
+            if prefix:
+                decoded.texts = [(prefix + t).strip() for t in decoded.texts]
+            return decoded
+        decoded, calls = agent.decode_with_tools(batch, self.settings.generation, tools, seeds, prefix)
+        for trace, row_calls in zip(self.traces, calls, strict=True):
+            trace.extend(_tool_stage(stage, call) for call in row_calls)
+        return decoded
 
     def _lens(self, name: str, embeds: torch.Tensor) -> list[dict[str, list[list[str]]]]:
         """Per row: nearest tokens of each latent thought in the sender's space and in each receiver's."""
@@ -441,6 +483,21 @@ class _BatchRun:
                     text=None if texts is None else texts[i],
                 )
             )
+
+
+def _tool_stage(stage: Stage, call: ToolCall) -> StageTrace:
+    return StageTrace(
+        agent=stage.name,
+        round=stage.round,
+        kind="tool",
+        latent_steps=0,
+        decoded_tokens=0,
+        prompt_tokens=0,
+        latent_inputs=0,
+        seconds=call.seconds,
+        final=False,
+        tool_call=call,
+    )
 
 
 def stage_seed(seed: int, agent: str, round_: int) -> int:

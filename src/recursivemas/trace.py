@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from recursivemas.tools import ToolCall
+
 
 @dataclass(frozen=True)
 class StageTrace:
@@ -22,6 +24,8 @@ class StageTrace:
             vocabulary tokens under that agent's input-embedding table (the sender's own, and each
             receiver's after the outer link).
         text: text stages only: what the agent decoded (its message, or the final answer).
+        tool_call: ``kind == "tool"`` only: one call run while the agent decoded (tool, input, output
+            cut to the tool box's ``result_chars``, seconds, error); the agent's text stage follows it.
     """
 
     agent: str
@@ -35,6 +39,7 @@ class StageTrace:
     final: bool
     lens: dict[str, list[list[str]]] | None = None
     text: str | None = None
+    tool_call: ToolCall | None = None
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,8 @@ class RunResult:
             "decoded_tokens": sum(s.decoded_tokens for s in trace),
             "latent_steps": sum(s.latent_steps for s in trace),
             "latent_inputs": sum(s.latent_inputs for s in trace),
-            "stages": len(trace),
+            "tool_calls": sum(s.kind == "tool" for s in trace),
+            "stages": sum(s.kind != "tool" for s in trace),
         }
         timings = {"total_s": total_s, "batch_size": batch_size}
         return cls(question, mode, text, answer, usage, timings, list(trace))

@@ -2,8 +2,8 @@
 
 import pytest
 
-from recursivemas.eval.sandbox import run_python
 from recursivemas.eval.scoring import extract_choice, score_choice, score_code, score_exact, score_math
+from recursivemas.tools.sandbox import run_python
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from math_verify import parse, verify
 
 from recursivemas.answers import extract_answer, last_boxed
-from recursivemas.eval.sandbox import run_python
+from recursivemas.tools.sandbox import run_python
 
 # "answer is (C)", "Answer: C": the keyword in any case, the letter in capitals (so prose like
 # "the answer is a bit tricky" is not read as choice A).

@@ -18,6 +18,7 @@ from typing import Any
 
 from recursivemas.agent import Agent
 from recursivemas.errors import ConfigError
+from recursivemas.patterns.deliberation import deliberation
 from recursivemas.patterns.distillation import distillation
 from recursivemas.patterns.mixture import DEFAULT_DOMAINS, mixture
 from recursivemas.patterns.pair import pair
@@ -121,11 +122,20 @@ register(
         lambda agents, **kw: distillation(*agents, **kw),
     )
 )
+register(
+    Pattern(
+        "deliberation",
+        "reflector <-> tool-caller; the tool-caller answers, running python/search calls as it writes",
+        ("reflector", "toolcaller"),
+        lambda agents, **kw: deliberation(*agents, **kw),
+    )
+)
 
 __all__ = [
     "PATTERNS",
     "Pattern",
     "build_pattern",
+    "deliberation",
     "distillation",
     "get_pattern",
     "mixture",

@@ -197,10 +197,8 @@ class InnerObjective:
                 generation=GenerationConfig(max_new_tokens=self.max_target_tokens),
                 batch_size=len(rows),
             )
-            texts = {
-                stage.agent: [res.trace[k].text or "" for res in results]
-                for k, stage in enumerate(results[0].trace)
-            }
+            spoken = [{s.agent: s.text or "" for s in res.trace if s.kind == "text"} for res in results]
+            texts = {name: [row[name] for row in spoken] for name in spoken[0]}
             self._transcript = (key, texts)
         return self._transcript[1]
 
@@ -368,7 +366,7 @@ class _LossTurns:
         self.pending: list[tuple[int, list[torch.Tensor]]] = []
         self.extra: list[torch.Tensor] = []
 
-    def think(self, stage: Stage, agent: Agent, batch: PromptBatch) -> Message:
+    def think(self, stage: Stage, agent: Agent, batch: PromptBatch, rows: list[list[Piece]]) -> Message:
         obj = self.objective
         if stage.name == obj.system.config.answerer and obj.intermediate_weight > 0:
             ce, n = obj.answer_loss(self.rows, batch)
@@ -378,7 +376,7 @@ class _LossTurns:
         return Message(latent=tensors)
 
     def speak(
-        self, stage: Stage, agent: Agent, batch: PromptBatch
+        self, stage: Stage, agent: Agent, batch: PromptBatch, rows: list[list[Piece]]
     ) -> tuple[Message, tuple[torch.Tensor, int]]:
         ce, n = self.objective.answer_loss(self.rows, batch)
         return Message(), (ce / n, n)

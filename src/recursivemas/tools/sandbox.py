@@ -28,9 +28,11 @@ from pathlib import Path
 # program returned normally, and always ends by killing its own process group (children included).
 _WRAPPER = """
 import os, resource, runpy, signal, socket, sys
-mem, cpu, fsize = (int(v) for v in sys.argv[1:4])
-marker = sys.argv[4]
+mem, cpu, fsize, nproc = (int(v) for v in sys.argv[1:5])
+marker = sys.argv[5]
 resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+if nproc >= 0:
+    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
 resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
 resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -55,25 +57,36 @@ _OUTPUT_LIMIT = 1 << 20
 
 @dataclass(frozen=True)
 class SandboxResult:
-    """``passed``: ran to its end within the limits; ``detail``: why not; ``stdout``: what it printed."""
+    """``passed``: ran to its end within the limits; ``detail``: why not; ``stdout``/``stderr``: what it
+    printed (each cut to ``output_limit`` characters)."""
 
     passed: bool
     detail: str
     stdout: str = ""
+    stderr: str = ""
 
 
 def run_python(
-    program: str, timeout_s: float = 10.0, memory_mb: int = 1024, stdin: str = ""
+    program: str,
+    timeout_s: float = 10.0,
+    memory_mb: int = 1024,
+    stdin: str = "",
+    max_processes: int = -1,
+    output_limit: int = _OUTPUT_LIMIT,
 ) -> SandboxResult:
-    """Execute ``program`` with ``stdin`` as its input; it passes if it runs to its last line in time."""
+    """Execute ``program`` with ``stdin`` as its input; it passes if it runs to its last line in time.
+
+    ``max_processes >= 0`` caps the processes (and threads) of this user while it runs (``RLIMIT_NPROC``;
+    ignored for root), so the program cannot fork; ``-1`` leaves the cap alone.
+    """
     marker = f"recursivemas-sandbox-done-{secrets.token_hex(8)}"
     with tempfile.TemporaryDirectory(prefix="recursivemas-sandbox-") as workdir:
         Path(workdir, "program.py").write_text(program)
-        limits = [str(memory_mb << 20), str(int(timeout_s) + 1), str(_FILE_LIMIT)]
+        limits = [str(memory_mb << 20), str(int(timeout_s) + 1), str(_FILE_LIMIT), str(max_processes)]
         proc = subprocess.Popen(
             [sys.executable, "-I", "-c", _WRAPPER, *limits, marker],
             cwd=workdir,
-            env={"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"},
+            env={"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -85,12 +98,11 @@ def run_python(
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             return SandboxResult(False, f"timed out after {timeout_s:g}s")
-    stdout = stdout[:_OUTPUT_LIMIT]
     if stdout.endswith(marker + "\n"):
-        return SandboxResult(True, "ok", stdout[: -len(marker) - 1])
+        return SandboxResult(True, "ok", stdout[: -len(marker) - 1][:output_limit], stderr[:output_limit])
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     detail = lines[-1] if lines else "the program exited before its end (tests not run)"
-    return SandboxResult(False, detail, stdout)
+    return SandboxResult(False, detail, stdout[:output_limit], stderr[-output_limit:])
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
