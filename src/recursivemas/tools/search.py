@@ -22,8 +22,8 @@ from recursivemas.errors import ConfigError, InputError
 SNIPPET_CHARS = 320
 _WORD_RE = re.compile(r"\w+")
 _STOPWORDS = frozenset(
-    "a an and are as at be by do does for from how in is it of on or that the this to was what when where "
-    "which who why with".split()
+    """a an and are as at be by do does for from how in is it of on or that the this to was what when where
+    which who why with""".split()  # noqa: SIM905 - one readable line of words
 )
 
 
@@ -47,7 +47,9 @@ class SearchIndex:
         if not passages:
             raise InputError("a search index needs at least one passage")
         self._db = sqlite3.connect(":memory:", check_same_thread=False)
-        self._db.execute("CREATE VIRTUAL TABLE passages USING fts5(title, text, tokenize = 'porter unicode61')")
+        self._db.execute(
+            "CREATE VIRTUAL TABLE passages USING fts5(title, text, tokenize = 'porter unicode61')"
+        )
         self._db.executemany("INSERT INTO passages VALUES (?, ?)", [(p.title, p.text) for p in passages])
         self.size = len(passages)
 

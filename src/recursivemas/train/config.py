@@ -133,7 +133,9 @@ class ObjectiveSection(_Section):
     ``intermediate_weight > 0`` the answer CE of earlier rounds is added with that weight. The
     teacher-forced objective runs one round (see ``TeacherForcedObjective``). ``align`` fits the outer
     links token by token across tokenizers, without running the models (see ``AlignObjective``): the
-    first outer step for agents with different tokenizers.
+    first outer step for agents with different tokenizers. ``distill`` (distillation pattern) is the
+    unrolled objective plus ``distill_weight`` x the KL divergence from the teacher's (first agent's)
+    answer distribution to the answerer's, on the answer tokens (see ``DistillObjective``).
     """
 
     inner_targets: Literal["answer", "own-text"] = "answer"
@@ -141,7 +143,8 @@ class ObjectiveSection(_Section):
     positions: Literal["answer", "all"] = "answer"
     on_policy: bool = False
     precompute: bool = True
-    outer: Literal["unrolled", "teacher-forced", "align"] = "unrolled"
+    outer: Literal["unrolled", "teacher-forced", "align", "distill"] = "unrolled"
+    distill_weight: float = Field(default=0.5, ge=0.0, le=1.0)
     intermediate_weight: float = Field(default=0.0, ge=0.0)
     teacher_fields: dict[str, str] = Field(
         default_factory=lambda: {"planner": "plan", "critic": "refined_plan"},

@@ -17,6 +17,7 @@ Every objective returns a ``LossOutput``; the outer ones also record, per round 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -109,12 +110,10 @@ def continue_with(agent: Agent, batch: PromptBatch, ids: list[list[int]]) -> Con
     return Continued(embeds, mask, labels, batch.embeds.shape[1])
 
 
-def answer_ce(agent: Agent, seq: Continued) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy of the target tokens given the prompt, and their count.
-
-    Position ``T - 1 + j`` predicts target ``j``; the model computes logits for the last ``L + 1``
-    positions only (``logits_to_keep``), so the vocabulary projection costs ``O(B·L·V)``.
-    """
+def answer_logits(agent: Agent, seq: Continued) -> torch.Tensor:
+    """(B, L, V) float32 logits that predict each target token: position ``T - 1 + j`` predicts target
+    ``j``; the model computes logits for the last ``L + 1`` positions only (``logits_to_keep``), so the
+    vocabulary projection costs ``O(B·L·V)``."""
     width = seq.labels.shape[1]
     out = agent.model(
         inputs_embeds=seq.embeds,
@@ -123,7 +122,12 @@ def answer_ce(agent: Agent, seq: Continued) -> tuple[torch.Tensor, int]:
         logits_to_keep=width + 1,
         use_cache=False,
     )
-    logits = out.logits[:, :width].float()  # (B, L, V)
+    return out.logits[:, :width].float()
+
+
+def answer_ce(agent: Agent, seq: Continued) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy of the target tokens given the prompt, and their count."""
+    logits = answer_logits(agent, seq)  # (B, L, V)
     loss = F.cross_entropy(logits.flatten(0, 1), seq.labels.flatten(), ignore_index=IGNORE, reduction="sum")
     return loss, int(seq.target_mask.sum())
 
@@ -398,6 +402,94 @@ class UnrolledObjective(OuterObjective):
         return list(embeds.unbind(0))
 
 
+class DistillObjective(UnrolledObjective):
+    """Distillation: the unrolled answer CE, mixed with a KL term that pulls the answerer's (learner's)
+    answer distribution toward the teacher's (the first agent, the expert), token by token:
+
+        loss = (1 - w) CE + w · mean_j KL( p_teacher(· | x, y_<j) || p_learner(· | x, latents, y_<j) )
+
+    The teacher reads the question under the answerer's own prompt (no slots) with its own tokenizer
+    and is teacher-forced on the same answer text. Across tokenizers the KL is taken at answer positions
+    where both tokenizations have consumed the same text, over the tokens both vocabularies share
+    (each distribution renormalised over them); with one tokenizer that is every position and token.
+    ``w = objective.distill_weight``.
+    """
+
+    def __init__(self, system: RecursiveMAS, config: TrainConfig) -> None:
+        super().__init__(system, config)
+        cfg = system.config
+        self.weight = config.objective.distill_weight
+        self.learner = system.agents[cfg.answerer]
+        teacher = system.agents[cfg.order[0]]
+        if teacher.name == cfg.answerer:
+            raise ConfigError("the distill objective needs a teacher agent acting before the answerer")
+        self.teacher = dataclasses.replace(teacher, template=self.learner.template)
+        pairs = _token_pairs(self.learner.tokenizer, self.teacher.tokenizer)
+        if not pairs:
+            raise ConfigError(
+                f"agents {teacher.name!r} and {cfg.answerer!r} share no token text; "
+                "use objective.outer: unrolled"
+            )
+        self.shared_learner = torch.tensor([a for a, _ in pairs], device=self.learner.device)
+        self.shared_teacher = torch.tensor([b for _, b in pairs], device=self.teacher.device)
+
+    def answer_loss(self, rows: Sequence[TrainRow], batch: PromptBatch) -> tuple[torch.Tensor, int]:
+        texts = [self.answer_format.format(answer=r.answer) for r in rows]
+        ids = target_ids(self.learner, texts, self.max_answer_tokens)
+        count = sum(len(x) for x in ids)
+        where, p = self._teacher(rows, texts, ids)  # (n,) rows, (n,) positions; (n, S) teacher probs
+
+        def mixed(embeds: torch.Tensor) -> torch.Tensor:
+            seq = continue_with(self.learner, PromptBatch(embeds, batch.mask, [], []), ids)
+            logits = answer_logits(self.learner, seq)  # (B, L, V_l)
+            ce = F.cross_entropy(
+                logits.flatten(0, 1), seq.labels.flatten(), ignore_index=IGNORE, reduction="sum"
+            )
+            if p.shape[0] == 0 or self.weight == 0:
+                return ce
+            log_q = logits[where[0], where[1]][:, self.shared_learner].log_softmax(-1)  # (n, S)
+            kl = (p * (p.clamp_min(1e-12).log() - log_q)).sum()  # summed over the n positions
+            return (1 - self.weight) * ce + self.weight * kl * (count / p.shape[0])
+
+        return maybe_checkpoint(self.checkpointing, mixed, batch.embeds), count
+
+    def _teacher(
+        self, rows: Sequence[TrainRow], texts: list[str], ids: list[list[int]]
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Aligned answer positions (row index, learner position) and the teacher's distribution over
+        the shared tokens there, (n, S), renormalised."""
+        with torch.no_grad():
+            teacher_ids = target_ids(self.teacher, texts, self.max_answer_tokens * 4)
+            prompts = self.teacher.encode(render_rows(self.teacher, rows, {}))
+            logits = answer_logits(self.teacher, continue_with(self.teacher, prompts, teacher_ids))
+        pairs = [
+            (i, j, k)
+            for i, text in enumerate(texts)
+            for j, k in _aligned_positions(self.learner, self.teacher, text, ids[i], teacher_ids[i])
+        ]
+        device = self.learner.device
+        rows_i = torch.tensor([i for i, _, _ in pairs], dtype=torch.long, device=device)
+        pos_j = torch.tensor([j for _, j, _ in pairs], dtype=torch.long, device=device)
+        if not pairs:
+            return (rows_i, pos_j), torch.zeros(0, len(self.shared_teacher), device=device)
+        picked = logits[[i for i, _, _ in pairs], [k for _, _, k in pairs]]  # (n, V_t)
+        return (rows_i, pos_j), picked[:, self.shared_teacher].softmax(-1).to(device)
+
+
+def _aligned_positions(
+    learner: Agent, teacher: Agent, text: str, learner_ids: list[int], teacher_ids: list[int]
+) -> list[tuple[int, int]]:
+    """(j, k) pairs: learner target position ``j`` and teacher position ``k`` that predict the token
+    after the same prefix of ``text`` (same number of characters consumed)."""
+
+    def starts(agent: Agent, ids: list[int]) -> list[int]:
+        pieces = [agent.tokenizer.decode(ids[:n], skip_special_tokens=True) for n in range(len(ids))]
+        return [len(p) for p in pieces]
+
+    teacher_at = {c: k for k, c in enumerate(starts(teacher, teacher_ids))}
+    return [(j, teacher_at[c]) for j, c in enumerate(starts(learner, learner_ids)) if c in teacher_at]
+
+
 class TeacherForcedObjective(OuterObjective):
     """Release: agent ``a`` reads its prompt then the reference text ``row[teacher_fields[a]]``; the
     last-layer hidden states of the first ``teacher_positions`` reference tokens stand in for its latent
@@ -561,4 +653,6 @@ def build_objective(
         return TeacherForcedObjective(system, config)
     if config.objective.outer == "align":
         return AlignObjective(system, config)
+    if config.objective.outer == "distill":
+        return DistillObjective(system, config)
     return UnrolledObjective(system, config)
