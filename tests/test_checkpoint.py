@@ -176,6 +176,46 @@ def test_release_files_with_wrong_shapes_or_roles(tmp_path):
         load_release(system, outer_dir=outer, task="code")
 
 
+def test_release_manifests_without_roles_and_release_role_names(tmp_path):
+    """Entries resolved by filename or legacy_key, with the release's role names (refiner = critic,
+    expert_<i> = the i-th mixture specialist)."""
+    system = build_preset("tiny-random", rounds=1, latent_steps=2, init="identity")
+    (tmp_path / "seq").mkdir()
+    _, outer = _write_release(tmp_path / "seq", system)
+    config = json.loads((outer / "outerlink_config.json").read_text())
+    for entry in config["tasks"]["math"]["adapters"]:
+        del entry["source_role"], entry["target_role"]
+        renamed = entry["filename"].replace("Critic", "Refiner")
+        (outer / entry["filename"]).rename(outer / renamed)
+        entry["filename"] = renamed
+    (outer / "outerlink_config.json").write_text(json.dumps(config))
+    load_release(system, outer_dir=outer)
+    assert system.links["outer"]["planner->critic"].config.variant == "release"
+    mixture = build_preset("tiny-random-mixture", rounds=1, latent_steps=2, init="identity")
+    folder = tmp_path / "mixture"
+    folder.mkdir()
+    entries = []
+    for edge in mixture.config.edges:
+        i = mixture.config.order.index(edge.src if edge.dst == "summarizer" else edge.dst)
+        key = f"expert_{i}->summarizer" if edge.dst == "summarizer" else f"summarizer->expert_{i}"
+        link = OuterLink(
+            LinkConfig(
+                key,
+                "outer",
+                mixture.agents[edge.src].hidden_size,
+                mixture.agents[edge.dst].hidden_size,
+                "release",
+            )
+        )
+        init_default(link)
+        torch.save(link.state_dict(), folder / f"outer{len(entries)}.pt")
+        entries.append({"legacy_key": key, "filename": f"outer{len(entries)}.pt"})
+    (folder / "outerlink_config.json").write_text(json.dumps({"adapters": entries}))
+    load_release(mixture, outer_dir=folder, task=None)
+    loaded = mixture.links["outer"]["code->summarizer"]
+    assert torch.equal(loaded.proj1.weight, torch.load(folder / "outer1.pt")["proj1.weight"])  # expert_1
+
+
 def test_files_get_normal_permissions(tmp_path):
     _perturbed_system().save_pretrained(str(tmp_path))
     umask = os.umask(0)

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -327,6 +328,45 @@ def _outer_entries(directory: Path, task: str | None) -> list[dict]:
     raise CheckpointError(f"{path} has no adapters for task {task!r}; it has tasks {sorted(tasks)}")
 
 
+RELEASE_ROLES = {"refiner": "critic", "tool_caller": "toolcaller", "tool-caller": "toolcaller"}
+_EXPERT_RE = re.compile(r"expert_?(\d+)")
+_KEY_RES = (
+    re.compile(r"^(.+?)(?:->|_to_|-to-)(.+)$"),  # "planner->refiner", "expert_0_to_summarizer"
+    re.compile(r"^([A-Za-z0-9_]+)-([A-Za-z0-9_]+)-outerlink", re.I),  # "Planner-Refiner-Outerlink(math)"
+)
+
+
+def _entry_ends(entry: dict) -> tuple[str, str] | None:
+    """(source role, target role) of a release manifest entry, from whichever fields it has."""
+    if entry.get("source_role") and entry.get("target_role"):
+        return str(entry["source_role"]), str(entry["target_role"])
+    for text in (entry.get("legacy_key"), Path(str(entry.get("filename", ""))).stem):
+        for pattern in _KEY_RES:
+            match = pattern.match(str(text or ""))
+            if match:
+                return match.group(1), match.group(2)
+    return None
+
+
+def _resolve_role(system: RecursiveMAS, role: str) -> str | None:
+    """The agent a release role names: by agent name, by role, by release alias, or ``expert_<i>`` as
+    the i-th mixture specialist."""
+    role = role.strip().lower()
+    names = {n.lower(): n for n in system.agents}
+    roles = {a.role.lower(): a.name for a in system.agents.values()}
+    for candidate in (role, RELEASE_ROLES.get(role, role)):
+        if candidate in names:
+            return names[candidate]
+        if candidate in roles:
+            return roles[candidate]
+    match = _EXPERT_RE.fullmatch(role)
+    if match and system.config.pattern == "mixture":
+        specialists = [n for n in system.config.order if n != system.config.answerer]
+        index = int(match.group(1))
+        return specialists[index] if index < len(specialists) else None
+    return None
+
+
 def load_release(
     system: RecursiveMAS,
     inner_dirs: dict[str, str | os.PathLike] | None = None,
@@ -337,8 +377,11 @@ def load_release(
 
     Args:
         inner_dirs: agent name -> the folder holding its ``adapter*.pt`` (and ``innerlink_config.json``).
-        outer_dir: the folder with ``outerlink_config.json`` and its ``.pt`` files; entries are matched
-            to edges by ``source_role``/``target_role`` against the agents' roles.
+        outer_dir: the folder with ``outerlink_config.json`` and its ``.pt`` files; each entry is matched
+            to an edge by its ``source_role``/``target_role``, else its ``legacy_key`` (``"a->b"``), else
+            its ``filename`` (``a->b.pt``, ``a_to_b.pt``); a role is an agent's name or role, or a
+            release name (``RELEASE_ROLES``: ``refiner`` is the critic, ``expert_<i>`` the i-th mixture
+            specialist, ``tool_caller`` the tool-caller).
         task: the release's task key (``"math"``, ``"code"``), or ``None`` for task-less releases.
     """
     for name, folder in (inner_dirs or {}).items():
@@ -351,15 +394,14 @@ def load_release(
         _load_state(link, state, str(path))
         system.set_link(link)
     if outer_dir is not None:
-        by_role = {a.role.lower(): a.name for a in system.agents.values()}
         for entry in _outer_entries(Path(outer_dir), task):
-            src, dst = (by_role.get(str(entry.get(k, "")).lower()) for k in ("source_role", "target_role"))
+            ends = _entry_ends(entry)
+            src, dst = (_resolve_role(system, r) for r in ends) if ends else (None, None)
             key = f"{src}->{dst}"
             if src is None or dst is None or key not in system.links["outer"]:
                 raise CheckpointError(
-                    f"release link {entry.get('filename')!r} ({entry.get('source_role')} -> "
-                    f"{entry.get('target_role')}) matches no edge; edges are "
-                    f"{list(system.links['outer'])}"
+                    f"release link {entry.get('filename')!r} ({' -> '.join(ends or ('?', '?'))}) matches no "
+                    f"edge; edges are {list(system.links['outer'])}"
                 )
             with _malformed(Path(outer_dir) / "outerlink_config.json"):
                 path = Path(outer_dir) / entry["filename"]
