@@ -160,6 +160,9 @@ def test_official_release_files_load(tmp_path):
     assert link.config.variant == "release" and link.proj1.weight.dtype == torch.float32
     results = system.run(QUESTIONS[:2], generation=GEN)
     assert all(r.usage["decoded_tokens"] > 0 for r in results)
+    load_release(system, inner_dirs, outer, task="math", link_dtype="checkpoint")
+    assert system.links["outer"]["solver->planner"].proj1.weight.dtype == torch.bfloat16
+    assert all(r.usage["decoded_tokens"] > 0 for r in system.run(QUESTIONS[:2], generation=GEN))
 
 
 def test_release_files_with_wrong_shapes_or_roles(tmp_path):

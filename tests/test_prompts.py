@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 
 from recursivemas.errors import ConfigError, InputError
@@ -53,3 +55,25 @@ def test_plain_fallback_without_chat_template():
 def test_bad_questions(bad):
     with pytest.raises(InputError):
         validate_question(bad)
+
+
+def test_blocks_can_differ_by_round():
+    template = PromptTemplate(
+        system="sys",
+        user="Q: {question}[[round=1: Make a first plan.]][[round>1: Improve it given {slot:feedback}.]]",
+    )
+    assert template.render_user("2+2?", None, set(), round_=1) == ["Q: 2+2?Make a first plan."]
+    later = template.render_user("2+2?", None, {"feedback"}, round_=3)
+    assert later == ["Q: 2+2?Improve it given ", SlotRef("feedback"), "."]
+    assert template.render_user("2+2?", None, set(), round_=2) == ["Q: 2+2?"]  # no feedback yet
+
+
+def test_templates_that_take_enable_thinking_get_the_releases_false_unless_the_agent_says():
+    tok = copy.deepcopy(tiny_tokenizer("bytelevel"))
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+        "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+    )
+    assert render_prompt(tok, TEMPLATE, "2+2?", None, set())[-1].endswith("<assistant><think></think>")
+    thinking = render_prompt(tok, TEMPLATE, "2+2?", None, set(), {"enable_thinking": True})
+    assert thinking[-1].endswith("<assistant>")

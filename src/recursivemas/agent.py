@@ -252,12 +252,12 @@ class Agent:
 
     # --- prompts ---------------------------------------------------------------------------------
 
-    def render(self, question: str, context: str | None, present: set[str]) -> list[Segment]:
-        """This agent's prompt as text segments and slot markers."""
+    def render(self, question: str, context: str | None, present: set[str], round_: int = 1) -> list[Segment]:
+        """This agent's prompt in round ``round_`` as text segments and slot markers."""
         if self.template is None:
             raise ConfigError(f"agent {self.name!r} has no prompt template")
         return render_prompt(
-            self.tokenizer, self.template, question, context, present, self.chat_template_kwargs
+            self.tokenizer, self.template, question, context, present, self.chat_template_kwargs, round_
         )
 
     def encode(self, rows: Sequence[Sequence[Piece]]) -> PromptBatch:

@@ -287,6 +287,14 @@ def _load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], source:
 # --- the official release -----------------------------------------------------------------------
 
 
+def _in_dtype(link: torch.nn.Module, state: dict[str, torch.Tensor], link_dtype: str) -> torch.nn.Module:
+    """``link`` as loaded (float32), or cast to the file's floating dtype for ``"checkpoint"``."""
+    if link_dtype != "checkpoint":
+        return link
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    return link.to(dtypes.pop()) if len(dtypes) == 1 else link
+
+
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -372,6 +380,7 @@ def load_release(
     inner_dirs: dict[str, str | os.PathLike] | None = None,
     outer_dir: str | os.PathLike | None = None,
     task: str | None = "math",
+    link_dtype: str = "float32",
 ) -> RecursiveMAS:
     """Load official-release link weights into ``system`` (release form, strict key and shape checks).
 
@@ -383,7 +392,12 @@ def load_release(
             release name (``RELEASE_ROLES``: ``refiner`` is the critic, ``expert_<i>`` the i-th mixture
             specialist, ``tool_caller`` the tool-caller).
         task: the release's task key (``"math"``, ``"code"``), or ``None`` for task-less releases.
+        link_dtype: ``"float32"`` (default: links compute in float32 whatever the files hold) or
+            ``"checkpoint"`` (links keep the files' dtype, e.g. bfloat16, for exact parity with the
+            release's own code).
     """
+    if link_dtype not in ("float32", "checkpoint"):
+        raise CheckpointError(f"link_dtype must be 'float32' or 'checkpoint', got {link_dtype!r}")
     for name, folder in (inner_dirs or {}).items():
         if name not in system.agents:
             raise CheckpointError(f"no agent {name!r} in this system; agents are {list(system.agents)}")
@@ -392,7 +406,7 @@ def load_release(
         d = system.agents[name].hidden_size
         link = InnerLink(LinkConfig(name, "inner", d, d, "release"))
         _load_state(link, state, str(path))
-        system.set_link(link)
+        system.set_link(_in_dtype(link, state, link_dtype))
     if outer_dir is not None:
         for entry in _outer_entries(Path(outer_dir), task):
             ends = _entry_ends(entry)
@@ -410,6 +424,7 @@ def load_release(
                     key, "outer", system.agents[src].hidden_size, system.agents[dst].hidden_size, "release"
                 )
             )
-            _load_state(link, _torch_load(path), str(path))
-            system.set_link(link)
+            state = _torch_load(path)
+            _load_state(link, state, str(path))
+            system.set_link(_in_dtype(link, state, link_dtype))
     return system

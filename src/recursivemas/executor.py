@@ -66,12 +66,14 @@ class Turns(Protocol):
     def think(self, stage: Stage, agent: Agent, batch: PromptBatch, rows: list[list[Piece]]) -> Message: ...
 
 
-def render_rows(agent: Agent, items: Sequence[Item], values: dict[str, list[Piece]]) -> list[list[Piece]]:
-    """Each item's spliced prompt for ``agent``: slots with a value (one piece per item) are filled,
-    optional blocks of the others dropped."""
+def render_rows(
+    agent: Agent, items: Sequence[Item], values: dict[str, list[Piece]], round_: int = 1
+) -> list[list[Piece]]:
+    """Each item's spliced prompt for ``agent`` in round ``round_``: slots with a value (one piece per
+    item) are filled, optional blocks of the others dropped."""
     rows = []
     for i, item in enumerate(items):
-        segments = agent.render(item.question, item.context.get(agent.name), set(values))
+        segments = agent.render(item.question, item.context.get(agent.name), set(values), round_)
         rows.append(agent.fill(segments, {slot: v[i] for slot, v in values.items()}))
     return rows
 
@@ -114,7 +116,7 @@ class RoundLoop:
         prompt ends with its template's ``response_prefix``."""
         agent = self.system.agents[stage.name]
         values = {} if self.single else self.slot_values(stage.name)
-        rows = render_rows(agent, self.items, values)
+        rows = render_rows(agent, self.items, values, stage.round)
         if stage.final or self.text:
             prefix = agent.template.response_prefix if agent.template is not None else ""
             rows = [[*row, prefix] for row in rows] if prefix else rows

@@ -7,7 +7,10 @@ A template's ``user`` text may hold:
 * ``{slot:NAME}`` — where another agent's message goes (latent vectors or text, by mode);
 * ``[[ ... ]]`` — an optional block, kept only when every slot and ``{context}`` inside it has a
   value (so round 1 drops the feedback block, and an agent without private context drops its
-  context block).
+  context block);
+* ``[[round=1: ...]]``, ``[[round>1: ...]]`` (also ``>=``, ``<``, ``<=``) — a block kept only in the
+  rounds the condition names (and, as above, only if its slots have values): text that differs
+  between the first and later rounds, as the release's planner prompt does.
 
 Rendering applies the tokenizer's chat template when it has one. When it has none, the documented
 plain fallback is used::
@@ -35,6 +38,14 @@ from recursivemas.errors import ConfigError, InputError
 _SLOT_RE = re.compile(r"\{slot:([A-Za-z_][A-Za-z0-9_]*)\}")
 _BLOCK_RE = re.compile(r"\[\[(.*?)\]\]", re.S)
 _FIELD_RE = re.compile(r"\{(question|context)\}")
+_ROUND_RE = re.compile(r"^round\s*(=|>=|<=|>|<)\s*(\d+)\s*:\s?")
+_COMPARE = {
+    "=": lambda a, b: a == b,
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+}
 _SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
 PLAIN_RESPONSE_CUE = "Response:"
 
@@ -83,16 +94,24 @@ class PromptTemplate:
             valid = ", ".join(self.slots) or "(none)"
             raise ConfigError(f"unknown slot {slot!r} for agent {agent!r}; its template has slots: {valid}")
 
-    def render_user(self, question: str, context: str | None, present: set[str]) -> list[Segment]:
+    def render_user(
+        self, question: str, context: str | None, present: set[str], round_: int = 1
+    ) -> list[Segment]:
         """User text as segments: strings and ``SlotRef`` for every present slot.
 
         Optional blocks whose slots are not all in ``present`` (or that use ``{context}`` when
-        ``context`` is empty) are removed first; then ``{question}``/``{context}`` are substituted in one
-        pass, so text inside the question is never re-interpreted.
+        ``context`` is empty, or whose round condition ``round_`` fails) are removed first; then
+        ``{question}``/``{context}`` are substituted in one pass, so text inside the question is never
+        re-interpreted.
         """
 
         def keep_block(match: re.Match[str]) -> str:
             body = match.group(1)
+            condition = _ROUND_RE.match(body)
+            if condition is not None:
+                if not _COMPARE[condition.group(1)](round_, int(condition.group(2))):
+                    return ""
+                body = body[condition.end() :]
             slots_ok = all(name in present for name in _SLOT_RE.findall(body))
             context_ok = "{context}" not in body or bool(context)
             return body if slots_ok and context_ok else ""
@@ -131,9 +150,10 @@ def render_prompt(
     context: str | None,
     present: set[str],
     chat_template_kwargs: dict | None = None,
+    round_: int = 1,
 ) -> list[Segment]:
     """Full prompt (chat template or plain fallback) as text segments and ``SlotRef`` markers."""
-    user_parts = template.render_user(question, context, present)
+    user_parts = template.render_user(question, context, present, round_)
     slot_names = [p.name for p in user_parts if isinstance(p, SlotRef)]
     user_text = "".join(
         p if isinstance(p, str) else f"\ue000{slot_names.index(p.name)}\ue001" for p in user_parts
@@ -155,7 +175,14 @@ def render_prompt(
     return [s for s in segments if s != ""]
 
 
+RELEASE_TEMPLATE_DEFAULTS: dict[str, Any] = {"enable_thinking": False}
+"""Chat-template variables the official release always sets; passed to templates that use them, unless
+the agent's ``chat_template_kwargs`` says otherwise (e.g. ``{"enable_thinking": True}``)."""
+
+
 def _apply_chat_template(tokenizer: Any, system: str, user: str, kwargs: dict) -> str:
+    source = str(tokenizer.chat_template)
+    kwargs = {**{k: v for k, v in RELEASE_TEMPLATE_DEFAULTS.items() if k in source}, **kwargs}
     messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
