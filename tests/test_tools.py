@@ -83,6 +83,9 @@ def test_calls_are_found_and_every_failure_is_an_observation():
     assert box.find_call("I will run <echo>hi</echo> now") == ("echo", "hi")
     assert box.find_call("<echo>not finished") is None
     assert box.find_call("<result>\nold\n</result>") is None
+    assert box.find_call("<echo>\nprint(1)\n```\nThis prints 1.") == ("echo", "print(1)")
+    assert box.find_call("<echo>\n```python\nprint(2)\n```") == ("echo", "print(2)")
+    assert box.find_call("<echo>\n```python\nprint(2)") is None
     assert box.call("echo", "hi", 0).output == "HI"
     unknown = box.call("calculator", "1+1", 0)
     assert unknown.error and "unknown tool 'calculator'; available: crash, echo" in unknown.output

@@ -469,7 +469,8 @@ class Agent:
             text = (prefix if not done_text else "") + self.tokenizer.decode(
                 segment, skip_special_tokens=True
             )
-            found = tools.find_call(text) if ">" in self.tokenizer.decode([token]) else None
+            piece = self.tokenizer.decode([token])
+            found = tools.find_call(text) if ">" in piece or "`" in piece else None
             if found is not None:
                 calls.append(tools.call(*found, calls_so_far=len(calls)))
                 done_text += [text, ToolBox.result_text(calls[-1])]

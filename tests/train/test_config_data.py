@@ -180,5 +180,7 @@ def test_hub_source_without_datasets_says_what_to_install(monkeypatch):
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_parse_and_say_how_to_run_them(path):
     config = TrainConfig.load(path)
-    assert config.system.preset == ("smollm2-pair" if path.name.startswith("pair-") else "smollm2-gemma3")
+    pattern = path.name.split("-")[0]
+    expected = {"pair": "smollm2-pair", "default": "smollm2-gemma3"}.get(pattern, f"smollm2-gemma3-{pattern}")
+    assert config.system.preset == expected
     assert f"recursivemas train -c configs/{path.name}" in path.read_text().splitlines()[1]

@@ -21,6 +21,9 @@ from recursivemas.tools.search import HttpSearch, SearchIndex, default_corpus
 
 RESULT_OPEN, RESULT_CLOSE = "<result>", "</result>"
 _CALL_RE = re.compile(r"<([a-z][a-z0-9_]*)>(.*?)</\1>", re.S)
+# An opened call whose body ends with a Markdown fence instead of the closing tag (small models often
+# write ``<python>`` then code then a closing fence), with an optional opening fence line.
+_FENCED_RE = re.compile(r"<([a-z][a-z0-9_]*)>[ \t]*\n?(?:```[A-Za-z0-9_+-]*\n)?(.*?\S.*?)\n```", re.S)
 _NAME_RE = re.compile(r"[a-z][a-z0-9_]*")
 
 
@@ -85,12 +88,14 @@ class ToolBox:
 
     @staticmethod
     def find_call(text: str) -> tuple[str, str] | None:
-        """The first complete ``<name>body</name>`` in ``text`` (text decoded since the last result),
-        as (name, body); ``None`` while no call is finished."""
-        match = _CALL_RE.search(text)
-        if match is None or match.group(1) == "result":
-            return None
-        return match.group(1), match.group(2)
+        """The first finished call in ``text`` (text decoded since the last result), as (name, body):
+        ``<name>body</name>``, or ``<name>`` followed by a body that a Markdown code fence closes (an
+        opening fence line right after the tag is dropped); ``None`` while no call is finished."""
+        for pattern in (_CALL_RE, _FENCED_RE):
+            match = pattern.search(text)
+            if match is not None and match.group(1) != "result":
+                return match.group(1), match.group(2)
+        return None
 
     def call(self, name: str, body: str, calls_so_far: int) -> ToolCall:
         """Run one call; every failure becomes the observation in ``output`` and is named in ``error``."""

@@ -1,0 +1,29 @@
+"""The README's Python examples run as written (on tiny models)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from recursivemas.patterns import PATTERNS
+
+README = (Path(__file__).parents[1] / "README.md").read_text()
+BLOCKS = [b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "tiny-random" in b]
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
+def test_readme_python_examples_run(block, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # examples save checkpoints into the working folder
+    try:
+        exec(compile(block, "README.md", "exec"), {})
+    finally:
+        PATTERNS.pop("review", None)
+
+
+def test_the_readme_names_every_pattern_and_preset():
+    from recursivemas.presets import PRESETS
+
+    for name in [*PATTERNS, *PRESETS]:
+        assert f"`{name}`" in README, name
