@@ -1,9 +1,11 @@
 """The relay task: a diagnostic of how much information a channel between agents carries.
 
-The planner's private context holds a random fact (a number, a name or a code); the question asks for
-it, and only the solver answers. The solver can only know the fact through what the planner sent it
-(via the critic in the sequential pattern). Text mode can copy the fact; latent mode with untrained
-links should not get it; trained links should. Seeded, with three difficulty levels:
+A sender's private context holds a random fact (a number, a name or a code); the question asks for it,
+and only the answering agent answers. The sender is the first agent to act (the planner, a mixture's
+first specialist, the expert, the reflector), or any agent given by ``eval --relay-sender``; the answerer
+can only know the fact through the messages that reach it (through the critic in the sequential
+pattern). Text mode can copy the fact; latent mode with untrained links should not get it; trained
+links should. Seeded, with three difficulty levels:
 
     level 1: a 2-digit number      level 2: a 4-digit number or a first name      level 3: a 6-character code
 """
@@ -46,7 +48,7 @@ NAMES = [
     "Zoe",
 ]
 LEVELS = (1, 2, 3)
-SENDER = "planner"
+SENDER = "planner"  # rows built without a system (the sequential and pair patterns' first agent)
 
 
 def relay_fact(rng: random.Random, level: int) -> tuple[str, str]:
