@@ -17,7 +17,11 @@ from recursivemas.presets import PRESETS
 from .conftest import QUESTIONS
 
 GEN = GenerationConfig(max_new_tokens=8)
-TINY_PRESETS = {"mixture": "tiny-random-mixture", "distillation": "tiny-random-distillation"}
+TINY_PRESETS = {
+    "mixture": "tiny-random-mixture",
+    "distillation": "tiny-random-distillation",
+    "deliberation": "tiny-random-deliberation",
+}
 
 
 @pytest.fixture(scope="module", params=sorted(TINY_PRESETS))
@@ -29,6 +33,7 @@ def test_every_pattern_is_registered_with_its_roles():
     assert set(PATTERNS) >= {"sequential", "pair", "mixture", "distillation"}
     assert get_pattern("mixture").roles == ("math", "code", "science", "summarizer")
     assert get_pattern("distillation").roles == ("expert", "learner")
+    assert get_pattern("deliberation").roles == ("reflector", "toolcaller")
     for name, pattern in TINY_PRESETS.items():
         assert build_preset(pattern, rounds=1, latent_steps=1).config.pattern == name
         assert name in PRESETS[pattern].description.lower()
@@ -77,6 +82,9 @@ def test_save_and_load_keep_pattern_links_and_per_agent_steps(system, tmp_path):
     [b] = loaded.run(QUESTIONS[:1], generation=GEN)
     assert a.text == b.text
     assert a.trace[0].latent_steps == 5 and a.trace[1].latent_steps == 3
+    assert {k: sorted(v.tools) for k, v in loaded.tools.items()} == {
+        k: sorted(v.tools) for k, v in system.tools.items()
+    }
 
 
 def test_mixture_takes_any_specialists(tiny_agents):

@@ -183,7 +183,32 @@ def from_pretrained(
     ``check_fingerprints=False``; otherwise ``CheckpointError`` lists every mismatch.
     """
     config = read_config(directory)
-    config_path = Path(directory) / CONFIG_NAME
+    with _malformed(Path(directory) / CONFIG_NAME):
+        if agents is None:
+            agents = [_load_recorded_agent(r, dtype, device) for r in config["agents"]]
+        links = _read_links(directory, config, agents, check_fingerprints)
+        system = RecursiveMAS(agents, SystemConfig(**config["graph"]))
+    for link in links:
+        system.set_link(link)
+    return system
+
+
+def load_links(system: RecursiveMAS, directory: str | os.PathLike) -> RecursiveMAS:
+    """Replace ``system``'s links by those saved in ``directory`` for the same agents (checked as in
+    ``from_pretrained``); the system keeps its own rounds and latent steps. Returns ``system``."""
+    config = read_config(directory)
+    with _malformed(Path(directory) / CONFIG_NAME):
+        links = _read_links(directory, config, list(system.agents.values()), True)
+    for link in links:
+        system.set_link(link)
+    return system
+
+
+def _read_links(
+    directory: str | os.PathLike, config: dict, agents: list[Agent], check_fingerprints: bool
+) -> list[InnerLink | OuterLink]:
+    """The checkpoint's links with their weights, after checking the weights file and that ``agents``
+    are the recorded ones."""
     weights_path = Path(directory) / WEIGHTS_NAME
     if not weights_path.is_file():
         raise CheckpointError(f"{directory}: {WEIGHTS_NAME} is missing")
@@ -192,33 +217,22 @@ def from_pretrained(
         raise CheckpointError(
             f"{weights_path} does not match {CONFIG_NAME} (corrupt file or interrupted save)"
         )
-    with _malformed(config_path):
-        records = {r["name"]: r for r in config["agents"]}
-        if agents is None:
-            agents = [_load_recorded_agent(r, dtype, device) for r in config["agents"]]
-        _check_agents(agents, records, directory, check_fingerprints)
-        system = RecursiveMAS(agents, SystemConfig(**config["graph"]))
-        for link_data in config["links"]:
-            system.set_link(build_link(LinkConfig.from_dict(link_data)))
+    _check_agents(agents, {r["name"]: r for r in config["agents"]}, directory, check_fingerprints)
+    links = [build_link(LinkConfig.from_dict(data)) for data in config["links"]]
+    groups = torch.nn.ModuleDict(
+        {
+            kind: torch.nn.ModuleDict({x.name: x for x in links if x.config.kind == kind})
+            for kind in ("inner", "outer")
+        }
+    )
     try:
         tensors = safetensors.torch.load_file(weights_path)
     except Exception as err:  # safetensors raises its own error types for corrupt files
         raise CheckpointError(
             f"{weights_path} cannot be read ({err}); the file is corrupt or truncated"
         ) from None
-    state = {k.removeprefix("links."): v for k, v in tensors.items()}
-    _load_state(system.links, state, str(weights_path))
-    return system
-
-
-def load_links(system: RecursiveMAS, directory: str | os.PathLike) -> RecursiveMAS:
-    """Replace ``system``'s links by those saved in ``directory`` for the same agents (checked as in
-    ``from_pretrained``); the system keeps its own rounds and latent steps. Returns ``system``."""
-    saved = from_pretrained(directory, agents=list(system.agents.values()))
-    for group in saved.links.values():
-        for link in group.values():
-            system.set_link(link)
-    return system
+    _load_state(groups, {k.removeprefix("links."): v for k, v in tensors.items()}, str(weights_path))
+    return links
 
 
 def _load_recorded_agent(record: dict, dtype: torch.dtype, device: str) -> Agent:
