@@ -222,6 +222,7 @@ CRITIC = PromptTemplate(
         "[[\nThe Planner's plan: {slot:planner}\n]]"
         "\nPoint out any errors in the plan and give an improved plan."
     ),
+    response_prefix="Facts:",
 )
 SOLVER = PromptTemplate(
     system="You are the Solver in a team of agents. Solve the problem using your team's plan.",

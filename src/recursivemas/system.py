@@ -433,7 +433,7 @@ class _BatchRun:
         if tools is None:
             decoded = agent.decode(batch, self.settings.generation, seeds)
             if prefix:
-                decoded.texts = [(prefix + t).strip() for t in decoded.texts]
+                decoded.texts = [_after(prefix, t) for t in decoded.texts]
             return decoded
         decoded, calls = agent.decode_with_tools(batch, self.settings.generation, tools, seeds, prefix)
         for trace, row_calls in zip(self.traces, calls, strict=True):
@@ -483,6 +483,11 @@ class _BatchRun:
                     text=None if texts is None else texts[i],
                 )
             )
+
+
+def _after(prefix: str, text: str) -> str:
+    """``text`` decoded after ``prefix`` (decoding strips the space a first token may start with)."""
+    return (prefix + ("" if not text or prefix[-1:].isspace() else " ") + text).strip()
 
 
 def _tool_stage(stage: Stage, call: ToolCall) -> StageTrace:
