@@ -133,8 +133,8 @@ class RoundLoop:
         values: dict[str, list[Piece]] = {}
         for edge in self.system.config.incoming(name):
             message = self.messages.get(edge.src)
-            if message is None:
-                continue
+            if message is None or (message.latent is None and message.texts is None):
+                continue  # not acted yet, or acted without a message (a final answer's loss)
             if message.texts is not None:
                 values[edge.slot] = list(message.texts)
                 continue

@@ -98,3 +98,23 @@ def test_align_without_shared_tokens_is_a_clear_error(system, make_config, monke
     objective = AlignObjective(system, make_config(objective={"outer": "align"}))
     with pytest.raises(ConfigError, match="share no token text"):
         objective.loss(ROWS, keys=[0, 1])
+
+
+def test_latent_slots_put_the_upstream_thoughts_where_the_texts_were(system, make_config):
+    """The critic's prompt holds the planner's mapped latent thoughts (m vectors) instead of its text;
+    the target text stays the critic's own, and the planner (no upstream agent) is unchanged."""
+    objective = {"inner_targets": "own-text", "own_text_tokens": 5, "precompute": False}
+    plain = InnerObjective(system, make_config(stage="inner", objective=objective))
+    latent = InnerObjective(system, make_config(stage="inner", objective=objective | {"latent_slots": True}))
+    critic, planner = system.agents["critic"], system.agents["planner"]
+    values, texts = latent.targets(critic, ROWS)
+    assert texts == plain.targets(critic, ROWS)[1]
+    steps = system.config.steps("planner")
+    assert [tuple(v.shape) for v in values["planner"]] == [(steps, critic.hidden_size)] * len(ROWS)
+    reference = system.run(
+        [{"question": r.question, "context": r.context} for r in ROWS], rounds=1, batch_size=len(ROWS)
+    )
+    assert all(res.trace[1].latent_inputs == steps for res in reference)  # what inference splices in
+    assert latent.targets(planner, ROWS)[0] == {}
+    for a, b in zip(latent.examples(critic, ROWS), plain.examples(critic, ROWS), strict=True):
+        assert a.hidden.shape == b.hidden.shape and not torch.allclose(a.hidden, b.hidden)

@@ -127,6 +127,9 @@ class ObjectiveSection(_Section):
     ``answer`` (the target text only) or ``all`` (prompt and target); ``on_policy`` adds the states of
     each agent's own latent rollout (with the links the run starts from) paired with the same targets
     step by step, so the link learns from where its own thoughts lead (chain runs to iterate);
+    ``latent_slots`` fills each agent's slots with its upstream agents' latent messages (one latent
+    round with the links the run starts from) instead of their texts, so an agent that receives thoughts
+    learns its link on the states it sees at inference (train the senders' links first);
     ``precompute`` caches the frozen backbone's hidden states once and trains on them.
     Outer stage: ``outer`` = ``unrolled`` (paper: real latent rollouts, answer CE of the last round) or
     ``teacher-forced`` (release: reference texts' hidden states as latent sources); with
@@ -142,6 +145,7 @@ class ObjectiveSection(_Section):
     own_text_tokens: int = Field(default=24, ge=1)
     positions: Literal["answer", "all"] = "answer"
     on_policy: bool = False
+    latent_slots: bool = False
     precompute: bool = True
     outer: Literal["unrolled", "teacher-forced", "align", "distill"] = "unrolled"
     distill_weight: float = Field(default=0.5, ge=0.0, le=1.0)

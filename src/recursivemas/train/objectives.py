@@ -186,6 +186,8 @@ class InnerObjective:
         )
         self.precompute = config.objective.precompute
         self.on_policy = config.objective.on_policy
+        self.latent_slots = config.objective.latent_slots
+        self._latent_round: tuple[tuple[TrainRow, ...], RoundLoop] | None = None
         self._cache: dict[tuple[str, int], InnerExample] = {}
         self._transcript: tuple[tuple[TrainRow, ...], dict[str, list[str]]] | None = None
 
@@ -211,6 +213,8 @@ class InnerObjective:
         if not self.own_text:
             return {}, [self.answer_format.format(answer=r.answer) for r in rows]
         texts = self.own_texts(rows)
+        if self.latent_slots:
+            return self.latent_slot_values(agent, rows), texts[agent.name]
         order = self.system.config.order
         upstream = [
             e
@@ -218,6 +222,18 @@ class InnerObjective:
             if order.index(e.src) < order.index(agent.name) and e.src in texts
         ]
         return {e.slot: list(texts[e.src]) for e in upstream}, texts[agent.name]
+
+    def latent_slot_values(self, agent: Agent, rows: Sequence[TrainRow]) -> dict[str, list[Piece]]:
+        """``agent``'s slot values in one latent round of the system with its current links (no
+        gradient; the round of the last batch of rows is remembered)."""
+        key = tuple(rows)
+        if self._latent_round is None or self._latent_round[0] != key:
+            loop = RoundLoop(self.system, rows, 1, _Rollouts(self.system))
+            with torch.no_grad():
+                loop.run()
+            self._latent_round = (key, loop)
+        with torch.no_grad():
+            return self._latent_round[1].slot_values(agent.name)
 
     def examples(self, agent: Agent, rows: Sequence[TrainRow]) -> list[InnerExample]:
         """Each row's (hidden states, targets) at its target positions, from one forward of ``agent``."""
@@ -359,6 +375,22 @@ class OuterObjective:
         for round_, tensors in turns.pending:
             self.track(out, round_, tensors)
         return out
+
+
+class _Rollouts:
+    """Turns that only think (KV-cached rollouts with the system's links); the final turn says nothing."""
+
+    def __init__(self, system: RecursiveMAS) -> None:
+        self.system = system
+
+    def think(self, stage: Stage, agent: Agent, batch: PromptBatch, rows: list[list[Piece]]) -> Message:
+        steps = self.system.config.steps(stage.name)
+        return Message(latent=agent.think(batch, steps, self.system.inner(stage.name), stage.round).embeds)
+
+    def speak(
+        self, stage: Stage, agent: Agent, batch: PromptBatch, rows: list[list[Piece]]
+    ) -> tuple[Message, None]:
+        return Message(), None
 
 
 class _LossTurns:
