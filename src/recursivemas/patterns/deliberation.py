@@ -14,8 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from recursivemas.agent import Agent
+from recursivemas.patterns.pair import two_way
 from recursivemas.patterns.sequential import with_role_template
-from recursivemas.system import Edge, RecursiveMAS, SystemConfig
+from recursivemas.system import RecursiveMAS
 
 DEFAULT_TOOLS = ("python", "search")
 
@@ -33,18 +34,20 @@ def deliberation(
 ) -> RecursiveMAS:
     """Build the Reflector <-> Tool-caller system with the built-in ``tools`` for the tool-caller (add
     your own afterwards with ``system.tools[<tool-caller>].register(Tool(...))``)."""
-    agents = [with_role_template(reflector, "reflector"), with_role_template(toolcaller, "toolcaller")]
-    r, t = (a.name for a in agents)
-    config = SystemConfig(
-        order=[r, t],
-        answerer=t,
-        edges=[Edge(r, t, "reflector"), Edge(t, r, "toolcaller")],
+    reflector, toolcaller = (
+        with_role_template(reflector, "reflector"),
+        with_role_template(toolcaller, "toolcaller"),
+    )
+    return two_way(
+        reflector,
+        toolcaller,
+        ("reflector", "toolcaller"),
+        init,
         rounds=rounds,
         latent_steps=latent_steps,
         variant=variant,
         pattern="deliberation",
-        tools={t: list(tools)},
+        tools={toolcaller.name: list(tools)},
         max_tool_calls=max_tool_calls,
         tools_in_latent_turns=tools_in_latent_turns,
     )
-    return RecursiveMAS(agents, config).init_links(init)

@@ -9,8 +9,9 @@ the answer. Training can pull the learner's answer toward the expert's (``object
 from __future__ import annotations
 
 from recursivemas.agent import Agent
+from recursivemas.patterns.pair import two_way
 from recursivemas.patterns.sequential import with_role_template
-from recursivemas.system import Edge, RecursiveMAS, SystemConfig
+from recursivemas.system import RecursiveMAS
 
 
 def distillation(
@@ -22,15 +23,11 @@ def distillation(
     init: str = "training-free",
 ) -> RecursiveMAS:
     """Build the Expert -> Learner system; links initialised by ``init`` (see ``init_links``)."""
-    agents = [with_role_template(expert, "expert"), with_role_template(learner, "learner")]
-    e, learner_name = (a.name for a in agents)
-    config = SystemConfig(
-        order=[e, learner_name],
-        answerer=learner_name,
-        edges=[Edge(e, learner_name, "expert"), Edge(learner_name, e, "feedback")],
-        rounds=rounds,
-        latent_steps=latent_steps,
-        variant=variant,
-        pattern="distillation",
+    settings = {"rounds": rounds, "latent_steps": latent_steps, "variant": variant, "pattern": "distillation"}
+    return two_way(
+        with_role_template(expert, "expert"),
+        with_role_template(learner, "learner"),
+        ("expert", "feedback"),
+        init,
+        **settings,
     )
-    return RecursiveMAS(agents, config).init_links(init)

@@ -9,6 +9,7 @@ writes the answer. It isolates one latent hop, which makes it the reference for 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from recursivemas.agent import Agent
 from recursivemas.patterns.sequential import with_role_template
@@ -27,15 +28,17 @@ def pair(
     """Build the Planner -> Solver system; links initialised by ``init`` (see ``init_links``)."""
     if solver.template is None:
         solver = dataclasses.replace(solver, template=PAIR_SOLVER, role="solver")
-    agents = [with_role_template(planner, "planner"), solver]
-    p, s = (a.name for a in agents)
-    config = SystemConfig(
-        order=[p, s],
-        answerer=s,
-        edges=[Edge(p, s, "planner"), Edge(s, p, "feedback")],
-        rounds=rounds,
-        latent_steps=latent_steps,
-        variant=variant,
-        pattern="pair",
-    )
-    return RecursiveMAS(agents, config).init_links(init)
+    settings = {"rounds": rounds, "latent_steps": latent_steps, "variant": variant, "pattern": "pair"}
+    return two_way(with_role_template(planner, "planner"), solver, ("planner", "feedback"), init, **settings)
+
+
+def two_way(
+    first: Agent, answerer: Agent, slots: tuple[str, str], init: str, **settings: Any
+) -> RecursiveMAS:
+    """Two agents with messages both ways: ``first -> answerer`` fills the answerer's ``slots[0]``, the
+    answerer's previous-round message fills ``first``'s ``slots[1]``; ``settings`` are the other
+    ``SystemConfig`` fields (rounds, latent steps, pattern, tools, ...)."""
+    a, b = first.name, answerer.name
+    edges = [Edge(a, b, slots[0]), Edge(b, a, slots[1])]
+    config = SystemConfig(order=[a, b], answerer=b, edges=edges, **settings)
+    return RecursiveMAS([first, answerer], config).init_links(init)
