@@ -72,7 +72,7 @@ def _preset_builder(
     return build
 
 
-_BUNDLED_AGENTS = {"planner": "smollm2-135m", "critic": "gemma3-270m", "solver": "smollm2-135m"}
+_BUNDLED_AGENTS = {"planner": "smollm2-135m", "critic": "smollm2-135m", "solver": "gemma3-270m"}
 _PAIR_AGENTS = {"planner": "smollm2-135m", "solver": "smollm2-135m"}
 _TINY_AGENTS = {"planner": "tiny-random:llama", "critic": "tiny-random:gemma3", "solver": "tiny-random:qwen3"}
 _MIXTURE_AGENTS = {
@@ -103,8 +103,8 @@ PRESETS: dict[str, Preset] = {
     "smollm2-gemma3": Preset(
         "smollm2-gemma3",
         "Sequential planner/critic/solver over the bundled real models: SmolLM2-135M-Instruct plans and "
-        "solves (one shared copy), Gemma-3-270M criticises; links map 576 <-> 640 across two tokenizers. "
-        "Ships trained links (configs/default-{inner,align,rollout,outer}.yaml).",
+        "criticises (one shared copy), Gemma-3-270M solves; links map 576 <-> 640 across two tokenizers. "
+        "Ships trained links (configs/default-{inner,align,outer}.yaml).",
         _BUNDLED_AGENTS,
         _preset_builder(_BUNDLED_AGENTS, links=WEIGHTS_DIR / "smollm2-gemma3"),
         WEIGHTS_DIR / "smollm2-gemma3",
