@@ -13,7 +13,8 @@ import pytest
 
 from recursivemas.cli import main
 from recursivemas.errors import ConfigError, InputError
-from recursivemas.train.config import DataSection, SourceSpec, TrainConfig
+from recursivemas.eval.tasks import load_task
+from recursivemas.train.config import DataSection, HoldoutSpec, SourceSpec, TrainConfig
 from recursivemas.train.data import build_splits, file_rows, hub_rows, parse_row
 
 CONFIGS = Path(__file__).parents[2] / "configs"
@@ -107,6 +108,24 @@ def test_generated_splits_are_disjoint_seeded_and_refuse_gsm_symbolic():
     assert build_splits(data.model_copy(update={"seed": 1})).train != splits.train
     with pytest.raises(ConfigError, match="reserved for evaluation"):
         build_splits(DataSection(sources=[SourceSpec(kind="reasoning-gym", name="gsm_symbolic", n=5)]))
+
+
+def test_gym_settings_and_holdout_keep_eval_questions_out_of_training():
+    """A one-digit-sum rung has about 200 questions: without ``data.holdout`` its training rows repeat the
+    evaluation's test questions; with it, none of them is trained on."""
+    spec = "chain_sum:min_terms=2,max_terms=2,min_digits=1,max_digits=1"
+    data = DataSection(sources=[SourceSpec(kind="reasoning-gym", name=spec, n=200)], validation=0)
+    test = {e.question for e in load_task(f"reasoning-gym:{spec}", 100).examples}
+    plain = {r.question for r in build_splits(data).train}
+    assert all(len(q.split(":")[1].split("=")[0].split()) == 3 for q in plain)  # the settings reached the generator
+    assert plain & test
+    held = data.model_copy(update={"holdout": [HoldoutSpec(task=f"reasoning-gym:{spec}", limit=100)]})
+    kept = {r.question for r in build_splits(held).train}
+    assert kept and not kept & test and kept <= plain
+    with pytest.raises(ConfigError, match="cannot build"):
+        build_splits(DataSection(sources=[SourceSpec(kind="reasoning-gym", name="chain_sum:bogus=1", n=2)]))
+    with pytest.raises(ConfigError, match="data.holdout.0.limit"):
+        TrainConfig.from_dict({"data": {"holdout": [{"task": "relay:1", "limit": 0}]}})
 
 
 def test_validation_shares_sum_to_the_request():

@@ -248,16 +248,23 @@ def _generator_settings(text: str, spec: str) -> dict[str, Any]:
     return settings
 
 
-def _reasoning_gym(arg: str, size: int, seed: int, val_size: int) -> Task:
+def gym_dataset(arg: str, size: int, seed: int) -> Any:
+    """The reasoning-gym dataset ``arg`` = ``name[:key=value,...]`` (generator settings), ``size`` rows
+    from ``seed``; a ``ConfigError`` names the task and its settings if reasoning-gym rejects them."""
     name, _, settings_text = arg.partition(":")
     settings = _generator_settings(settings_text, f"reasoning-gym:{arg}")
     try:
-        test = reasoning_gym.create_dataset(name, size=size, seed=seed, **settings)
+        return reasoning_gym.create_dataset(name, size=size, seed=seed, **settings)
     except (KeyError, ValueError, TypeError, AssertionError) as err:
         raise ConfigError(
             f"reasoning-gym cannot build {arg!r} ({err}); see reasoning_gym.factory.DATASETS for the "
             "task names and the task's config class for its settings"
         ) from None
+
+
+def _reasoning_gym(arg: str, size: int, seed: int, val_size: int) -> Task:
+    name = arg.partition(":")[0]
+    test = gym_dataset(arg, size, seed)
     entries: dict[str, tuple[Any, dict]] = {}
 
     def examples(dataset: Any, prefix: str, exclude: set[str]) -> list[Example]:
@@ -280,7 +287,7 @@ def _reasoning_gym(arg: str, size: int, seed: int, val_size: int) -> Task:
     if val_size:
         questions = {e["question"] for e in test}
         val = examples(
-            reasoning_gym.create_dataset(name, size=val_size, seed=seed + 10_000, **settings),
+            gym_dataset(arg, val_size, seed + 10_000),
             f"{name}-val",
             questions,
         )

@@ -99,6 +99,16 @@ class SourceSpec(_Section):
         return self
 
 
+class HoldoutSpec(_Section):
+    """An evaluation set kept out of training: the test questions that ``recursivemas eval --task TASK
+    --limit LIMIT --data-seed DATA_SEED`` asks (generated tasks with a small question space, such as
+    one-digit sums, would otherwise repeat them in training rows)."""
+
+    task: str = Field(description="an eval task spec, e.g. reasoning-gym:chain_sum:max_terms=2")
+    limit: int = Field(ge=1)
+    data_seed: int = 0
+
+
 class DataSection(_Section):
     """Training rows and a held-out validation split.
 
@@ -115,6 +125,9 @@ class DataSection(_Section):
         description="the answering agent's target text; {answer} is the row's answer",
     )
     max_answer_tokens: int = Field(default=64, ge=1)
+    holdout: list[HoldoutSpec] = Field(
+        default_factory=list, description="evaluation sets whose questions are removed from training rows"
+    )
 
 
 class ObjectiveSection(_Section):

@@ -17,11 +17,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import reasoning_gym
-
 from recursivemas.errors import ConfigError, InputError
 from recursivemas.eval.relay import SENDER, relay_rows
-from recursivemas.eval.tasks import BOXED_SUFFIX, read_rows
+from recursivemas.eval.tasks import BOXED_SUFFIX, gym_dataset, load_task, read_rows
 from recursivemas.train.config import DataSection, SourceSpec
 
 TEXT_FIELDS = ("question", "answer", "plan", "refined_plan")
@@ -125,15 +123,12 @@ def hub_rows(spec: SourceSpec) -> list[TrainRow]:
     return [parse_row(r, f"{spec.path} row {i + 1}", spec.fields) for i, r in enumerate(raw)]
 
 
-def gym_rows(name: str, n: int, seed: int) -> list[TrainRow]:
-    """``n`` rows of a reasoning-gym task, questions suffixed as the evaluation does."""
-    if name in RESERVED_FOR_EVAL:
-        raise ConfigError(f"reasoning-gym task {name!r} is reserved for evaluation; train on another task")
-    try:
-        dataset = reasoning_gym.create_dataset(name, size=n, seed=seed)
-    except (KeyError, ValueError) as err:
-        raise ConfigError(f"reasoning-gym has no task {name!r} ({err})") from None
-    return [TrainRow(e["question"] + BOXED_SUFFIX, str(e["answer"])) for e in dataset]
+def gym_rows(spec: str, n: int, seed: int) -> list[TrainRow]:
+    """``n`` rows of the reasoning-gym task ``spec`` = ``name[:key=value,...]`` (generator settings, as
+    in eval's task specs), questions suffixed as the evaluation does."""
+    if spec.partition(":")[0] in RESERVED_FOR_EVAL:
+        raise ConfigError(f"reasoning-gym task {spec!r} is reserved for evaluation; train on another task")
+    return [TrainRow(e["question"] + BOXED_SUFFIX, str(e["answer"])) for e in gym_dataset(spec, n, seed)]
 
 
 def relay_train_rows(n: int, seed: int, level: int, sender: str = SENDER) -> list[TrainRow]:
@@ -165,7 +160,8 @@ def build_splits(data: DataSection, sender: str = SENDER) -> Splits:
 
     Generated sources draw validation rows from a separate seed (``data.validation`` rows shared in
     proportion to each source's size); file and hub rows are shuffled with ``data.seed`` and their tail
-    is held out. Any training row whose question also appears in validation is dropped.
+    is held out. Any training row whose question also appears in validation, or among the test questions
+    of a ``data.holdout`` evaluation set, is dropped.
     """
     if not data.sources:
         raise ConfigError("data.sources is empty: list at least one source")
@@ -191,15 +187,26 @@ def build_splits(data: DataSection, sender: str = SENDER) -> Splits:
             held = source_rows(spec, VALIDATION_SEED_OFFSET + data.seed, share, sender) if share else []
         validation.extend(held)
         train.extend(kept * spec.weight)
-    held_questions = {_key(r) for r in validation}
-    train = [r for r in train if _key(r) not in held_questions]
+    held = {_key(r.question, r.context) for r in validation} | holdout_keys(data, sender)
+    train = [r for r in train if _key(r.question, r.context) not in held]
     if not train:
-        raise ConfigError("no training rows left after holding out validation; add rows or lower validation")
+        raise ConfigError(
+            "no training rows left after holding out validation and data.holdout; add rows or hold out fewer"
+        )
     return Splits(train, validation)
 
 
-def _key(row: TrainRow) -> str:
-    return json.dumps([row.question, sorted(row.context.items())])
+def holdout_keys(data: DataSection, sender: str = SENDER) -> set[str]:
+    """The (question, context) keys of every ``data.holdout`` evaluation set's test questions."""
+    keys = set()
+    for spec in data.holdout:
+        task = load_task(spec.task, spec.limit, spec.data_seed, relay_sender=sender)
+        keys.update(_key(e.question, e.context) for e in task.examples)
+    return keys
+
+
+def _key(question: str, context: dict[str, str]) -> str:
+    return json.dumps([question, sorted(context.items())])
 
 
 def _shares(total: int, sizes: list[int]) -> list[int]:
