@@ -7,10 +7,14 @@ Run after the preset's training stages and its relay evaluation, e.g. for the de
     recursivemas train -c configs/default-outer.yaml
     python benchmarks/ship_links.py --preset smollm2-gemma3 --stages default-inner default-align default-outer
 
-and for the pair preset ``--preset smollm2-pair --stages pair-inner pair-outer``. Each stage is a config
-in ``configs/`` whose run directory (``run.output``) holds ``final/``; the last stage's links are
-shipped. Relay evaluation summaries under ``benchmarks/results/relay/<preset>/`` go into the card.
-Writes ``src/recursivemas/weights/<preset>/`` (link_config.json, link_model.safetensors, README.md).
+and for the pair preset ``--preset smollm2-pair --stages pair-inner pair-outer pair-ladder``. Each stage is
+a config in ``configs/`` whose run directory (``run.output``) holds ``final/``; the last stage's links are
+shipped. A stage whose run directory is gone (an earlier session's) keeps its section of the card already
+shipped. Relay and task-ladder summaries under ``benchmarks/results/{relay,ladder}/<preset>/`` go into the
+card. Writes ``src/recursivemas/weights/<preset>/`` (link_config.json, link_model.safetensors, README.md).
+
+``--tables-only`` rewrites only the card's evaluation tables of the links already shipped (after a new
+``benchmarks/relay.sh`` or ``benchmarks/ladder.sh`` run), weights untouched.
 """
 
 from __future__ import annotations
@@ -31,9 +35,25 @@ RESULTS = Path(__file__).parent / "results"
 LOSS_NAMES = {"inner": "sum over agents of mean 1 - cos", "align": "token read-out cross-entropy"}
 
 
-def stage_summary(config: Path) -> list[str]:
+TABLES_START = "### Relay, held-out rows"
+
+
+def shipped_section(preset: str, stage: str) -> list[str]:
+    """The ``### <stage>`` section of the shipped card, for a stage whose run directory is gone."""
+    card = (WEIGHTS_DIR / preset / "README.md").read_text().splitlines()
+    head = f"### {stage}"
+    if head not in card:
+        raise SystemExit(f"no run directory and no shipped card section for stage {stage!r}: train it first")
+    start = card.index(head)
+    end = next((i for i in range(start + 1, len(card)) if card[i].startswith("### ")), len(card))
+    return [*card[start:end]]
+
+
+def stage_summary(config: Path, preset: str) -> list[str]:
     raw = yaml.safe_load(config.read_text())
     run = ROOT / raw["run"]["output"]
+    if not (run / "report.json").is_file():
+        return shipped_section(preset, config.stem)
     report = json.loads((run / "report.json").read_text())
     log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines() if x]
     val = [(r["step"], r["validation_loss"]) for r in log if r["kind"] == "validation"]
@@ -67,13 +87,22 @@ def stage_summary(config: Path) -> list[str]:
     ]
 
 
-def relay_table(preset: str) -> list[str]:
-    """One row per (relay level, mode) from ``results/relay/<preset>/<level>/summary.json``."""
-    summaries = sorted((RESULTS / "relay" / preset).glob("*/summary.json"))
+def eval_tables(preset: str) -> list[str]:
+    """One table per kind (relay, task ladder), one row per (task, mode), from
+    ``results/<kind>/<preset>/<task>/summary.json``."""
+    titles = {
+        "relay": f"{TABLES_START}, greedy, strict scoring (`benchmarks/relay.sh`)",
+        "ladder": "### Task ladder, held-out questions, greedy, strict scoring (`benchmarks/ladder.sh`)",
+    }
+    return [line for kind, title in titles.items() for line in _table(preset, kind, title)]
+
+
+def _table(preset: str, kind: str, title: str) -> list[str]:
+    summaries = sorted((RESULTS / kind / preset).glob("*/summary.json"))
     if not summaries:
         return []
     lines = [
-        "### Relay, held-out rows, greedy, strict scoring (`benchmarks/relay.sh`)",
+        title,
         "",
         "| task | mode | accuracy | 95% interval | distinct answers | n | decoded tokens / q |",
         "|---|---|---|---|---|---|---|",
@@ -95,8 +124,12 @@ def main() -> None:
     parser.add_argument("--preset", default="smollm2-gemma3")
     parser.add_argument("--stages", nargs="+", default=["default-inner", "default-align", "default-outer"])
     parser.add_argument("--note", default="", help="a paragraph for the card (e.g. how a run was resumed)")
+    parser.add_argument("--tables-only", action="store_true", help="refresh the shipped card's tables only")
     args = parser.parse_args()
     preset = get_preset(args.preset)
+    if args.tables_only:
+        refresh_tables(preset.name)
+        return
     configs = [ROOT / "configs" / f"{stage}.yaml" for stage in args.stages]
     last_run = ROOT / yaml.safe_load(configs[-1].read_text())["run"]["output"] / "final"
     base = build_preset(args.preset, init="training-free")
@@ -108,9 +141,9 @@ def main() -> None:
         "Stages in order, backbones frozen throughout; each stage starts from the previous one's links.",
         "Weights stored in bfloat16; they load into float32.",
         "",
-        *[line for config in configs for line in stage_summary(config)],
+        *[line for config in configs for line in stage_summary(config, preset.name)],
         *([args.note, ""] if args.note else []),
-        *relay_table(preset.name),
+        *eval_tables(preset.name),
     ]
     target = WEIGHTS_DIR / preset.name
     system.save_pretrained(
@@ -120,6 +153,15 @@ def main() -> None:
         card="\n".join(card),
     )
     print(f"wrote {target}")
+
+
+def refresh_tables(preset: str) -> None:
+    """Replace everything from the first evaluation table of the shipped card on with fresh tables."""
+    path = WEIGHTS_DIR / preset / "README.md"
+    lines = path.read_text().splitlines()
+    cut = next((i for i, line in enumerate(lines) if line.startswith(TABLES_START)), len(lines))
+    path.write_text("\n".join([*lines[:cut], *eval_tables(preset)]).rstrip() + "\n")
+    print(f"refreshed the tables of {path}")
 
 
 if __name__ == "__main__":
