@@ -117,14 +117,15 @@ def test_gym_settings_and_holdout_keep_eval_questions_out_of_training():
     data = DataSection(sources=[SourceSpec(kind="reasoning-gym", name=spec, n=200)], validation=0)
     test = {e.question for e in load_task(f"reasoning-gym:{spec}", 100).examples}
     plain = {r.question for r in build_splits(data).train}
-    assert all(len(q.split(":")[1].split("=")[0].split()) == 3 for q in plain)  # the settings reached the generator
+    # the settings reached the generator: every question is "a op b ="
+    assert all(len(q.split(":")[1].split("=")[0].split()) == 3 for q in plain)
     assert plain & test
     held = data.model_copy(update={"holdout": [HoldoutSpec(task=f"reasoning-gym:{spec}", limit=100)]})
     kept = {r.question for r in build_splits(held).train}
     assert kept and not kept & test and kept <= plain
     with pytest.raises(ConfigError, match="cannot build"):
         build_splits(DataSection(sources=[SourceSpec(kind="reasoning-gym", name="chain_sum:bogus=1", n=2)]))
-    with pytest.raises(ConfigError, match="data.holdout.0.limit"):
+    with pytest.raises(ConfigError, match=r"data\.holdout\.0\.limit"):
         TrainConfig.from_dict({"data": {"holdout": [{"task": "relay:1", "limit": 0}]}})
 
 
