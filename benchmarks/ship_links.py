@@ -76,7 +76,12 @@ def stage_summary(config: Path, preset: str) -> list[str]:
         + (f"; links trained: {', '.join(links)}" if links else "; every link of the stage trained")
         + ".",
         f"- Data: {sources}; {raw['data']['validation']} held-out validation rows "
-        f"(seed {raw['data']['seed']}).",
+        f"(seed {raw['data']['seed']})"
+        + "".join(
+            f"; the {h['limit']} test questions of `{h['task']}` held out of training"
+            for h in raw["data"].get("holdout", [])
+        )
+        + ".",
         f"- Steps: {report['steps']} x batch {raw['optim']['batch_size']}, lr {raw['optim']['lr']}, "
         f"{report['seconds'] / 60:.1f} min on {report['processes']} CPU process(es) (2 cores), "
         f"peak memory {report['peak_memory_bytes'] / 2**30:.2f} GiB.",

@@ -129,6 +129,28 @@ def test_gym_settings_and_holdout_keep_eval_questions_out_of_training():
         TrainConfig.from_dict({"data": {"holdout": [{"task": "relay:1", "limit": 0}]}})
 
 
+def test_answer_format_per_source(tmp_path):
+    """A source's ``answer_format`` overrides ``data.answer_format`` for its rows only; formats without
+    ``{answer}`` or with stray braces are refused."""
+    path = tmp_path / "worked.jsonl"
+    path.write_text(json.dumps({"question": "What is 2+2?", "answer": "2 + 2 = 4. \\boxed{4}"}) + "\n")
+    data = DataSection(
+        sources=[
+            SourceSpec(kind="file", path=str(path), answer_format="{answer}"),
+            SourceSpec(kind="relay", level=1, n=3),
+        ],
+        validation=0,
+    )
+    worked, *relay = build_splits(data).train
+    assert worked.target_text(data.answer_format) == "2 + 2 = 4. \\boxed{4}"
+    assert relay[0].target_text(data.answer_format) == f"\\boxed{{{relay[0].answer}}}"
+    for bad in ("no answer here", "{answer} {other}", "{answer"):
+        with pytest.raises(ConfigError, match="answer_format"):
+            TrainConfig.from_dict({"data": {"sources": [{"kind": "relay", "n": 1, "answer_format": bad}]}})
+        with pytest.raises(ConfigError, match="answer_format"):
+            TrainConfig.from_dict({"data": {"answer_format": bad}})
+
+
 def test_validation_shares_sum_to_the_request():
     data = DataSection(
         sources=[SourceSpec(kind="relay", level=1, n=5), SourceSpec(kind="relay", level=2, n=5)], validation=1

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from recursivemas.errors import ConfigError
 from recursivemas.patterns import get_pattern
@@ -28,6 +28,18 @@ from recursivemas.patterns import get_pattern
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _check_format(value: str) -> None:
+    """An answer format must name ``{answer}`` and nothing else (literal braces doubled)."""
+    try:
+        filled = value.format(answer="\ue000")
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(
+            f"{value!r} is not a format with only {{answer}} ({err}); double literal braces"
+        ) from None
+    if "\ue000" not in filled:
+        raise ValueError(f"{value!r} does not contain {{answer}}")
 
 
 class SystemSection(_Section):
@@ -85,6 +97,18 @@ class SourceSpec(_Section):
         default=None, description="relay: the agent told the fact (default: the system's first agent)"
     )
     weight: int = Field(default=1, ge=1, description="repeat this source's rows this many times")
+    answer_format: str | None = Field(
+        default=None,
+        description="this source's target text for the answering agent (default: data.answer_format), "
+        "e.g. '{answer}' for rows whose answer is already a whole worked reply",
+    )
+
+    @field_validator("answer_format")
+    @classmethod
+    def _has_answer(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_format(value)
+        return value
 
     @model_validator(mode="after")
     def _needs(self) -> SourceSpec:
@@ -128,6 +152,12 @@ class DataSection(_Section):
     holdout: list[HoldoutSpec] = Field(
         default_factory=list, description="evaluation sets whose questions are removed from training rows"
     )
+
+    @field_validator("answer_format")
+    @classmethod
+    def _has_answer(cls, value: str) -> str:
+        _check_format(value)
+        return value
 
 
 class ObjectiveSection(_Section):

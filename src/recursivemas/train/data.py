@@ -11,6 +11,7 @@ Any row may carry ``context``: agent name -> private text (the relay task uses i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections.abc import Iterable
@@ -36,6 +37,12 @@ class TrainRow:
     answer: str
     texts: dict[str, str] = field(default_factory=dict)
     context: dict[str, str] = field(default_factory=dict)
+    answer_format: str | None = None
+
+    def target_text(self, default_format: str) -> str:
+        """The answering agent's target: the row's ``answer`` in its source's ``answer_format``, else in
+        ``default_format`` (``data.answer_format``)."""
+        return (self.answer_format or default_format).format(answer=self.answer)
 
     def field(self, name: str) -> str:
         """``question``, ``answer`` or a teacher text; ``InputError`` if the row lacks it."""
@@ -141,12 +148,16 @@ def source_rows(spec: SourceSpec, seed: int, n: int | None = None, sender: str =
     facts go to ``spec.sender`` or else ``sender``."""
     count = spec.n if n is None else n
     if spec.kind == "file":
-        return file_rows(spec)
-    if spec.kind == "hub":
-        return hub_rows(spec)
-    if spec.kind == "reasoning-gym":
-        return gym_rows(spec.name or "", count, seed)
-    return relay_train_rows(count, seed, spec.level, spec.sender or sender)
+        rows = file_rows(spec)
+    elif spec.kind == "hub":
+        rows = hub_rows(spec)
+    elif spec.kind == "reasoning-gym":
+        rows = gym_rows(spec.name or "", count, seed)
+    else:
+        rows = relay_train_rows(count, seed, spec.level, spec.sender or sender)
+    if spec.answer_format is None:
+        return rows
+    return [dataclasses.replace(r, answer_format=spec.answer_format) for r in rows]
 
 
 @dataclass

@@ -211,7 +211,7 @@ class InnerObjective:
     def targets(self, agent: Agent, rows: Sequence[TrainRow]) -> tuple[dict[str, list[Piece]], list[str]]:
         """(slot values of ``agent``'s prompt, target text) per row."""
         if not self.own_text:
-            return {}, [self.answer_format.format(answer=r.answer) for r in rows]
+            return {}, [r.target_text(self.answer_format) for r in rows]
         texts = self.own_texts(rows)
         if self.latent_slots:
             return self.latent_slot_values(agent, rows), texts[agent.name]
@@ -326,7 +326,7 @@ class OuterObjective:
 
     def answer_loss(self, rows: Sequence[TrainRow], batch: PromptBatch) -> tuple[torch.Tensor, int]:
         agent = self.system.agents[self.system.config.answerer]
-        texts = [self.answer_format.format(answer=r.answer) for r in rows]
+        texts = [r.target_text(self.answer_format) for r in rows]
         ids = target_ids(agent, texts, self.max_answer_tokens)
 
         def ce(embeds: torch.Tensor) -> torch.Tensor:
@@ -466,7 +466,7 @@ class DistillObjective(UnrolledObjective):
         self.shared_teacher = torch.tensor([b for _, b in pairs], device=self.teacher.device)
 
     def answer_loss(self, rows: Sequence[TrainRow], batch: PromptBatch) -> tuple[torch.Tensor, int]:
-        texts = [self.answer_format.format(answer=r.answer) for r in rows]
+        texts = [r.target_text(self.answer_format) for r in rows]
         ids = target_ids(self.learner, texts, self.max_answer_tokens)
         count = sum(len(x) for x in ids)
         where, p = self._teacher(rows, texts, ids)  # (n,) rows, (n,) positions; (n, S) teacher probs
@@ -552,8 +552,7 @@ class TeacherForcedObjective(OuterObjective):
         inner = self.system.inner(stage.name)
         field_name = self.fields[stage.name]
         texts = [
-            self.answer_format.format(answer=r.answer) if field_name == "answer" else r.field(field_name)
-            for r in rows
+            r.target_text(self.answer_format) if field_name == "answer" else r.field(field_name) for r in rows
         ]
         ids = target_ids(agent, texts, self.positions, eos=False)
         lengths = [len(x) for x in ids]
@@ -617,10 +616,7 @@ class AlignObjective:
     def loss(self, rows: Sequence[TrainRow], keys: Sequence[int] | None = None) -> LossOutput:
         total, metrics, count = None, {}, 0
         seed = sum(keys) if keys is not None else 0
-        texts = [
-            " ".join([r.question, *r.context.values(), self.answer_format.format(answer=r.answer)])
-            for r in rows
-        ]
+        texts = [" ".join([r.question, *r.context.values(), r.target_text(self.answer_format)]) for r in rows]
         for edge in self.edges:
             src, dst = self.system.agents[edge.src], self.system.agents[edge.dst]
             x, y, row_of = self.tables(src, dst)
