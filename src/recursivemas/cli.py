@@ -346,6 +346,11 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--top-p", type=float, default=0.95)
     ev.add_argument("--output", default="eval-results", metavar="DIR")
     ev.add_argument("--lenient", action="store_true", help="the release's looser scoring, for comparison")
+    ev.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other modes of the report already in --output (same task and settings)",
+    )
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
 

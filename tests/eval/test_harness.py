@@ -87,6 +87,33 @@ def test_eval_writes_summary_report_predictions_and_plots(tmp_path, capsys):
     assert "Scoring: strict" in report and "## Command" in report and "recursivemas" in report
 
 
+def test_merge_adds_modes_to_an_earlier_report(tmp_path):
+    """``--merge`` reruns only the given modes and keeps the others of the report in --output: the merged
+    report equals one run of every mode; other settings are refused and nothing is overwritten."""
+    args = ["--task", "relay:1", "--limit", "4"]
+    whole = _eval(tmp_path, "whole", *args)
+    _eval(tmp_path, "parts", *args, "--modes", "single,text,latent-free")
+    merged = _eval(tmp_path, "parts", *args, "--modes", "latent", "--merge")
+    assert list(merged["modes"]) == ["single", "text", "latent", "latent-free"]
+    assert merged["settings"]["modes"] == list(merged["modes"])
+    for mode, m in whole["modes"].items():
+        for key in ("accuracy", "distinct_answers", "n", "decoded_tokens_mean", "latent_steps_mean"):
+            assert merged["modes"][mode][key] == m[key], (mode, key)
+
+    def answers(name: str) -> list:
+        lines = (tmp_path / name / "predictions.jsonl").read_text().splitlines()
+        return [(r["mode"], r["id"], r["text"]) for r in map(json.loads, lines)]
+
+    assert answers("parts") == answers("whole")
+    assert (
+        "# merged with the modes single, text, latent-free of: recursivemas eval"
+        in (tmp_path / "parts" / "report.md").read_text()
+    )
+    before = (tmp_path / "parts" / "summary.json").read_text()
+    assert main(["eval", *FAST, "--output", str(tmp_path / "parts"), *args, "--rounds", "1", "--merge"]) == 2
+    assert (tmp_path / "parts" / "summary.json").read_text() == before
+
+
 def test_predictions_do_not_depend_on_batch_size(tmp_path):
     task = load_task("reasoning-gym:basic_arithmetic", limit=8, data_seed=1)
     system = build_preset("tiny-random", rounds=2, latent_steps=3)

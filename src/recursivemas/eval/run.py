@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from recursivemas.errors import ConfigError
 from recursivemas.eval.harness import (
+    EVAL_MODES,
     EvalSettings,
     ModeRun,
     Prediction,
@@ -57,6 +58,7 @@ class EvalOptions:
     device: str
     dtype: str
     relay_sender: str | None = None
+    merge: bool = False
 
 
 def _int_list(text: str, flag: str) -> tuple[int, ...]:
@@ -125,6 +127,7 @@ def evaluate_command(opts: EvalOptions) -> int:
         best, accuracy = choose_latent_steps(system, task, list(sweep), settings)
         settings = EvalSettings(**{**asdict(settings), "latent_steps": best})
         report_settings.update(latent_steps=best, latent_steps_sweep=accuracy)
+    earlier = _earlier_report(out, report_settings) if opts.merge else None
     shard = task.examples[state.process_index :: state.num_processes]
     runs = {}
     with tqdm(
@@ -149,8 +152,10 @@ def evaluate_command(opts: EvalOptions) -> int:
             (p for parts in merged.values() for part in parts for p in part.predictions),
             key=lambda p: (settings.modes.index(p.mode), p.seed, order[p.id]),
         )
-        summary = summarize(merged, settings.seeds)
         command = "recursivemas " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        if earlier is not None:
+            predictions, command = _merge_earlier(out, earlier, merged, predictions, report_settings, command)
+        summary = summarize(merged, settings.seeds)
         write_outputs(out, task.name, summary, report_settings, predictions, command)
         shutil.rmtree(shards, ignore_errors=True)
         for mode, m in summary.items():
@@ -162,6 +167,78 @@ def evaluate_command(opts: EvalOptions) -> int:
         print(f"report: {out / 'report.md'}")
     state.wait_for_everyone()
     return 0
+
+
+# Settings that may differ between the runs a merged report combines (the rest must be equal).
+_MERGE_FREE = frozenset({"modes", "processes", "batch_size", "latent_steps_sweep"})
+
+
+def _earlier_report(out: Path, settings: dict) -> tuple[dict, list[Prediction]] | None:
+    """The report already in ``out`` (summary, predictions) for ``--merge``, or None if there is none.
+
+    It must come from the same task and settings; batch size and process count aside (answers do not
+    depend on them). Checked before any question runs.
+    """
+    summary_path, predictions_path = out / "summary.json", out / "predictions.jsonl"
+    if not summary_path.is_file() or not predictions_path.is_file():
+        return None
+    try:
+        earlier = json.loads(summary_path.read_text())
+        rows = [json.loads(line) for line in predictions_path.read_text().splitlines() if line]
+        predictions = [Prediction(**row) for row in rows]
+        old = earlier["settings"]
+    except (json.JSONDecodeError, TypeError, KeyError, OSError) as err:
+        raise ConfigError(f"--merge: cannot read the report in {out} ({err}); use another --output") from None
+    new = json.loads(json.dumps(settings))  # tuples as lists, as the file has them
+    differ = sorted(k for k in {*new, *old} - _MERGE_FREE if new.get(k) != old.get(k))
+    if differ:
+        raise ConfigError(
+            f"--merge: the report in {out} was made with other settings ({', '.join(differ)}); "
+            "rerun with the same settings or use another --output"
+        )
+    return earlier, predictions
+
+
+def _merge_earlier(
+    out: Path,
+    earlier: tuple[dict, list[Prediction]],
+    runs: dict[str, list[ModeRun]],
+    predictions: list[Prediction],
+    settings: dict,
+    command: str,
+) -> tuple[list[Prediction], str]:
+    """Add to ``runs`` the earlier report's modes that this run did not rerun; modes are ordered as
+    ``EVAL_MODES``. Returns the merged predictions and a command block naming both runs. Updates
+    ``runs`` and ``settings["modes"]`` in place."""
+    summary, old_predictions = earlier
+    kept = [mode for mode in summary["modes"] if mode not in runs]
+    for mode in kept:
+        old = summary["modes"][mode]
+        mode_predictions = [p for p in old_predictions if p.mode == mode]
+        runs[mode] = [ModeRun(mode_predictions, old["seconds_total"], old["peak_memory_bytes"])]
+    order = [m for m in EVAL_MODES if m in runs] + [m for m in runs if m not in EVAL_MODES]
+    reordered = {mode: runs[mode] for mode in order}
+    runs.clear()
+    runs.update(reordered)
+    settings["modes"] = order
+    ids = [p.id for p in predictions] + [p.id for p in old_predictions]
+    position = {i: n for n, i in enumerate(dict.fromkeys(ids))}
+    merged = sorted(
+        [*predictions, *(p for p in old_predictions if p.mode in kept)],
+        key=lambda p: (order.index(p.mode), p.seed, position[p.id]),
+    )
+    return merged, f"{command}\n# merged with the modes {', '.join(kept)} of: {_earlier_command(out)}"
+
+
+def _earlier_command(out: Path) -> str:
+    """The command block of an earlier ``report.md``, or a placeholder."""
+    report = out / "report.md"
+    lines = report.read_text().splitlines() if report.is_file() else []
+    if "## Command" not in lines:
+        return "(unrecorded)"
+    block = lines[lines.index("## Command") + 1 :]
+    fences = [i for i, line in enumerate(block) if line.startswith("```")]
+    return "\n".join(block[fences[0] + 1 : fences[1]]) if len(fences) > 1 else "(unrecorded)"
 
 
 def _write_shard(path: Path, runs: dict[str, ModeRun]) -> None:
