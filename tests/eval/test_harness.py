@@ -106,7 +106,7 @@ def test_merge_adds_modes_to_an_earlier_report(tmp_path):
 
     assert answers("parts") == answers("whole")
     assert (
-        "# merged with the modes single, text, latent-free of: recursivemas eval"
+        "# merged with the modes single, text, latent-free of: recursivemas"
         in (tmp_path / "parts" / "report.md").read_text()
     )
     before = (tmp_path / "parts" / "summary.json").read_text()
