@@ -6,6 +6,7 @@
 # Usage: benchmarks/ladder.sh [PRESET]     Results: benchmarks/results/ladder/<preset>/<rung>/.
 # One thread per process runs faster on 2 cores than two processes sharing both (OMP_NUM_THREADS=1),
 # so RUNGS="sum-1d" benchmarks/ladder.sh & RUNGS="sum-2d prod-1d" benchmarks/ladder.sh runs in parallel.
+# After retraining links, MODES=latent MERGE=1 benchmarks/ladder.sh reruns only latent mode into the reports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -18,6 +19,6 @@ declare -A SPECS=(
 )
 for rung in ${RUNGS:-sum-1d sum-2d prod-1d}; do
   "$BIN/recursivemas" eval --preset "$PRESET" --task "reasoning-gym:${SPECS[$rung]}" --limit "$LIMIT" \
-      --modes single,text,latent,latent-free --seeds 0 --temperature 0 --rounds 1 --latent-steps 16 \
+      --modes "${MODES:-single,text,latent,latent-free}" ${MERGE:+--merge} --seeds 0 --temperature 0 --rounds 1 --latent-steps 16 \
       --max-new-tokens 64 --batch-size 16 --output "benchmarks/results/ladder/$PRESET/$rung"
 done

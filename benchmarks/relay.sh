@@ -2,6 +2,7 @@
 # The relay diagnostic of a preset (default: both bundled presets): held-out relay rows (data seed 0;
 # training used other seeds) at levels 1 and 2, all four modes, greedy, strict scoring, one round,
 # m = 16 latent steps. The summaries carry the lens recovery per hop (latent modes).
+# MODES=latent MERGE=1 benchmarks/relay.sh PRESET reruns only latent mode into the reports (new links).
 # Usage: benchmarks/relay.sh [PRESET ...]     Results: benchmarks/results/relay/<preset>/level<L>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,7 @@ PRESETS=("$@")
 for preset in "${PRESETS[@]}"; do
   for level in 1 2; do
     "$BIN/recursivemas" eval --preset "$preset" --task "relay:$level" --limit "$LIMIT" \
-        --modes single,text,latent,latent-free --seeds 0 --temperature 0 --rounds 1 --latent-steps 16 \
+        --modes "${MODES:-single,text,latent,latent-free}" ${MERGE:+--merge} --seeds 0 --temperature 0 --rounds 1 --latent-steps 16 \
         --max-new-tokens 32 --batch-size 16 --output "benchmarks/results/relay/$preset/level$level"
   done
 done

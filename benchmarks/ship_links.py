@@ -165,7 +165,8 @@ def refresh_tables(preset: str) -> None:
     path = WEIGHTS_DIR / preset / "README.md"
     lines = path.read_text().splitlines()
     cut = next((i for i, line in enumerate(lines) if line.startswith(TABLES_START)), len(lines))
-    path.write_text("\n".join([*lines[:cut], *eval_tables(preset)]).rstrip() + "\n")
+    kept = "\n".join(lines[:cut]).rstrip()
+    path.write_text("\n".join([kept, "", *eval_tables(preset)]).rstrip() + "\n")
     print(f"refreshed the tables of {path}")
 
 
