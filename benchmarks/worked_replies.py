@@ -7,9 +7,12 @@ on them learns to steer the answerer toward its own successful working instead o
 boxed answer (which, trained on the bare ``\\boxed{answer}`` of arithmetic rows, collapsed to a few
 answers: see RESULTS.md, task ladder).
 
-    recursivemas eval --preset smollm2-pair --task "reasoning-gym:chain_sum:min_terms=2,max_terms=2,min_digits=1,max_digits=2" \\
-        --limit 480 --modes single --seeds 0 --temperature 0 --max-new-tokens 64 --data-seed 4242 --output runs/sd/chain_sum
-    python benchmarks/worked_replies.py runs/sd/chain_sum runs/sd/products --out configs/data/pair-worked.jsonl
+    SPEC="reasoning-gym:chain_sum:min_terms=2,max_terms=2,min_digits=1,max_digits=2"
+    recursivemas eval --preset smollm2-pair --task "$SPEC" --limit 480 --modes single --seeds 0 \\
+        --temperature 0 --max-new-tokens 64 --data-seed 4242 --output runs/sd/chain_sum
+    # the same for "reasoning-gym:products:min_terms=2,max_terms=2,min_digits=1,max_digits=2"
+    python benchmarks/worked_replies.py runs/sd/chain_sum runs/sd/products \\
+        --out configs/data/pair-worked.jsonl
 
 Evaluation questions are removed later by the training config's ``data.holdout``.
 """
