@@ -58,9 +58,11 @@ def stage_summary(config: Path, preset: str) -> list[str]:
     log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines() if x]
     val = [(r["step"], r["validation_loss"]) for r in log if r["kind"] == "validation"]
     sources = ", ".join(
-        f"{s.get('name') or s['kind']}"
+        (f"`{s['path']}`" if s["kind"] in ("file", "hub") else f"{s.get('name') or s['kind']}")
         + (f" level {s.get('level', 1)}" if s["kind"] == "relay" else "")
-        + f" ({s.get('n')} rows)"
+        + (f" ({s['n']} rows)" if s.get("n") else "")
+        + (f" x{s['weight']}" if s.get("weight", 1) > 1 else "")
+        + (f" (target {s['answer_format']!r})" if s.get("answer_format") else "")
         for s in raw["data"]["sources"]
     )
     objective = raw.get("objective", {})
