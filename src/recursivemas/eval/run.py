@@ -147,14 +147,15 @@ def evaluate_command(opts: EvalOptions) -> int:
             mode: [_read_shard(shards / f"rank-{r}.json", mode) for r in range(state.num_processes)]
             for mode in settings.modes
         }
-        order = {ex.id: i for i, ex in enumerate(task.examples)}
-        predictions = sorted(
-            (p for parts in merged.values() for part in parts for p in part.predictions),
-            key=lambda p: (settings.modes.index(p.mode), p.seed, order[p.id]),
-        )
         command = "recursivemas " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         if earlier is not None:
-            predictions, command = _merge_earlier(out, earlier, merged, predictions, report_settings, command)
+            merged, command = _merge_earlier(out, earlier, merged, command)
+            report_settings["modes"] = list(merged)
+        modes, order = list(merged), {ex.id: i for i, ex in enumerate(task.examples)}
+        predictions = sorted(
+            (p for parts in merged.values() for part in parts for p in part.predictions),
+            key=lambda p: (modes.index(p.mode), p.seed, order[p.id]),
+        )
         summary = summarize(merged, settings.seeds)
         write_outputs(out, task.name, summary, report_settings, predictions, command)
         shutil.rmtree(shards, ignore_errors=True)
@@ -200,33 +201,17 @@ def _earlier_report(out: Path, settings: dict) -> tuple[dict, list[Prediction]] 
 
 
 def _merge_earlier(
-    out: Path,
-    earlier: tuple[dict, list[Prediction]],
-    runs: dict[str, list[ModeRun]],
-    predictions: list[Prediction],
-    settings: dict,
-    command: str,
-) -> tuple[list[Prediction], str]:
-    """Add to ``runs`` the earlier report's modes that this run did not rerun; modes are ordered as
-    ``EVAL_MODES``. Returns the merged predictions and a command block naming both runs. Updates
-    ``runs`` and ``settings["modes"]`` in place."""
+    out: Path, earlier: tuple[dict, list[Prediction]], runs: dict[str, list[ModeRun]], command: str
+) -> tuple[dict[str, list[ModeRun]], str]:
+    """``runs`` plus the earlier report's modes that this run did not rerun, ordered as ``EVAL_MODES``,
+    and a command block naming both runs."""
     summary, old_predictions = earlier
     kept = [mode for mode in summary["modes"] if mode not in runs]
     for mode in kept:
         old = summary["modes"][mode]
         mode_predictions = [p for p in old_predictions if p.mode == mode]
-        runs[mode] = [ModeRun(mode_predictions, old["seconds_total"], old["peak_memory_bytes"])]
-    order = [m for m in EVAL_MODES if m in runs] + [m for m in runs if m not in EVAL_MODES]
-    reordered = {mode: runs[mode] for mode in order}
-    runs.clear()
-    runs.update(reordered)
-    settings["modes"] = order
-    ids = [p.id for p in predictions] + [p.id for p in old_predictions]
-    position = {i: n for n, i in enumerate(dict.fromkeys(ids))}
-    merged = sorted(
-        [*predictions, *(p for p in old_predictions if p.mode in kept)],
-        key=lambda p: (order.index(p.mode), p.seed, position[p.id]),
-    )
+        runs = {**runs, mode: [ModeRun(mode_predictions, old["seconds_total"], old["peak_memory_bytes"])]}
+    merged = {mode: runs[mode] for mode in EVAL_MODES if mode in runs}
     return merged, f"{command}\n# merged with the modes {', '.join(kept)} of: {_earlier_command(out)}"
 
 
