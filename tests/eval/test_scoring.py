@@ -3,7 +3,6 @@
 import pytest
 
 from recursivemas.eval.scoring import extract_choice, score_choice, score_code, score_exact, score_math
-from recursivemas.tools.sandbox import run_python
 
 
 @pytest.mark.parametrize(
@@ -80,48 +79,3 @@ def test_code_passes_and_fails():
     bad = "```python\ndef add(a, b):\n    return a - b\n```"
     assert score_code(good, tests).correct
     assert not score_code(bad, tests).correct
-
-
-def test_code_that_loops_forever_times_out():
-    result = run_python("while True:\n    pass\n", timeout_s=2)
-    assert not result.passed and "timed out" in result.detail
-
-
-def test_code_cannot_use_the_network():
-    program = "import socket\nsocket.create_connection(('127.0.0.1', 9))\n"
-    result = run_python(program, timeout_s=5)
-    assert not result.passed and "network access is disabled" in result.detail
-
-
-def test_code_memory_is_limited():
-    result = run_python("x = bytearray(4 * 1024 ** 3)\n", timeout_s=5, memory_mb=512)
-    assert not result.passed and "MemoryError" in result.detail
-
-
-def test_code_runs_in_a_temporary_directory(tmp_path):
-    result = run_python(
-        "import os\nassert 'recursivemas-sandbox-' in os.getcwd()\nopen('x.txt', 'w').write('hi')\n"
-    )
-    assert result.passed
-
-
-def test_exiting_early_does_not_pass():
-    assert not run_python("import sys\nsys.exit(0)\nassert False\n").passed
-    assert not run_python("raise SystemExit\n").passed
-
-
-def test_future_imports_work():
-    assert run_python("from __future__ import annotations\nx: int = 1\nassert x == 1\n").passed
-
-
-def test_background_children_are_killed():
-    program = (
-        "import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
-    )
-    result = run_python(program, timeout_s=5)
-    assert result.passed  # the program itself finished; its child does not hold the run open
-
-
-def test_stdout_and_stdin():
-    result = run_python("print(input()[::-1])", stdin="abc\n")
-    assert result.passed and result.stdout.strip() == "cba"
