@@ -45,7 +45,10 @@ PROBES: dict[str, tuple[str, str]] = {
         "official-release config naming files outside its folder, wrong types, a failure part-way",
         CLEAR_ERROR,
     ),
-    "ckpt-hub-id": ("a checkpoint naming a hub model id instead of a registry name or local folder", CLEAR_ERROR),
+    "ckpt-hub-id": (
+        "a checkpoint naming a hub model id instead of a registry name or local folder",
+        CLEAR_ERROR,
+    ),
     "model-cache": (
         "model cache read during a rebuild, corrupted with the same size and mtime, edited manifest",
         CONTAINED,

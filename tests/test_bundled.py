@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -113,6 +114,7 @@ def test_default_preset_end_to_end_json_contract(capsys):
 
     questions = ["What is 7 plus 5?", "Name a primary colour."]
     for mode in ("latent", "text", "single"):
+        start = time.perf_counter()
         code = main(
             [
                 "run",
@@ -128,6 +130,7 @@ def test_default_preset_end_to_end_json_contract(capsys):
                 "--json",
             ]
         )
+        wall_s = time.perf_counter() - start
         out = capsys.readouterr().out
         assert code == 0
         rows = [json.loads(line) for line in out.splitlines()]
@@ -138,7 +141,7 @@ def test_default_preset_end_to_end_json_contract(capsys):
             assert usage["decoded_tokens"] == sum(s["decoded_tokens"] for s in trace) > 0
             assert usage["latent_steps"] == sum(s["latent_steps"] for s in trace)
             assert usage["prompt_tokens"] == sum(s["prompt_tokens"] for s in trace)
-            assert r["timings"]["total_s"] >= max(s["seconds"] for s in trace)
+            assert sum(s["seconds"] for s in trace) <= r["timings"]["total_s"] <= wall_s
             expected_stages = {"latent": 6, "text": 6, "single": 1}[mode]  # 3 agents x 2 rounds
             assert len(trace) == usage["stages"] == expected_stages
             assert {s["agent"] for s in trace} <= {"planner", "critic", "solver"}
@@ -151,14 +154,13 @@ def test_default_preset_mixes_architectures():
     dims = {name: link.config.src_dim for name, link in system.links["outer"].items()}
     assert dims == {"planner->critic": 576, "critic->solver": 576, "solver->planner": 640}
     assert system.agents["planner"].model is system.agents["critic"].model  # one shared copy
-    assert os.environ.get(bundled.CACHE_ENV, "") == "" or bundled.cache_root().exists()
+    assert all(bundled.is_cached(name) for name in bundled.BUNDLED)  # loaded from the converted cache
     assert all(torch.isfinite(p).all() for p in system.links.parameters())
 
 
 def test_default_preset_ships_trained_links():
     trained = build_preset(DEFAULT_PRESET, rounds=1, latent_steps=2)
     free = build_preset(DEFAULT_PRESET, rounds=1, latent_steps=2, init="training-free")
-    assert trained.agents["critic"].model is not None
     free_state = free.links.state_dict()
     moved = [k for k, v in trained.links.state_dict().items() if not torch.equal(v, free_state[k])]
     assert any(k.startswith("inner.") for k in moved) and any(k.startswith("outer.") for k in moved)

@@ -51,7 +51,10 @@ def test_bridged_system_runs_and_passes_gradients(tiny_system, make_config):
     bridged = softmax_bridges(tiny_system)
     assert all(isinstance(link, SoftmaxBridge) for group in bridged.links.values() for link in group.values())
     result = bridged.run(["What is 2 plus 2?"], latent_steps=3, rounds=2)[0]
-    assert result.text is not None
+    assert [s.kind for s in result.trace] == ["latent"] * 5 + ["text"] and result.usage[
+        "latent_steps"
+    ] == 5 * 3
+    assert result.usage["decoded_tokens"] == result.trace[-1].decoded_tokens > 0
     rows = build_splits(make_config().data).train[:2]
     out = UnrolledObjective(bridged, make_config()).loss(rows)
     out.loss.backward()  # the bridges have no weights: the messages themselves carry the gradient
