@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench install
+.PHONY: demo test lint bench install reliability
 
 install: $(STAMP)
 
@@ -25,6 +25,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The README's reliability table, measured: runs every hardening probe test and writes their outcomes.
+reliability: $(STAMP)
+	RECURSIVEMAS_RELIABILITY=.reliability.md $(BIN)/python -m pytest -q -p no:cacheprovider -m probe
+	$(BIN)/python tests/reliability.py .reliability.md README.md
+	rm -f .reliability.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -67,3 +67,30 @@ def accelerate_cpu_launch(processes: int, *args: str) -> list[str]:
         "recursivemas",
         *args,
     ]
+
+
+_PROBE_OUTCOMES: dict[str, list[str]] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Collect the outcome of every ``probe``-marked test (its call phase, or a failed/skipped setup)."""
+    probe = getattr(report, "probe_id", None)
+    if probe and (report.when == "call" or report.outcome != "passed"):
+        _PROBE_OUTCOMES.setdefault(probe, []).append(report.outcome)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    marker = item.get_closest_marker("probe")
+    if marker:
+        outcome.get_result().probe_id = marker.args[0]
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """With ``RECURSIVEMAS_RELIABILITY=<file>``, write the reliability table with each probe's outcome."""
+    target = os.environ.get("RECURSIVEMAS_RELIABILITY")
+    if target:
+        from tests.reliability import reliability_table
+
+        Path(target).write_text(reliability_table(_PROBE_OUTCOMES))

@@ -54,3 +54,37 @@ PROBES: dict[str, tuple[str, str]] = {
         CONTAINED,
     ),
 }
+
+
+def reliability_table(outcomes: dict[str, list[str]]) -> str:
+    """The README's markdown table: each probe, what it does, and what the suite measured (its expected
+    outcome when all of its tests passed, else how many failed or were skipped)."""
+    rows = ["| probe | what it does | result |", "|---|---|---|"]
+    for probe, (what, expected) in PROBES.items():
+        seen = outcomes.get(probe, [])
+        bad = [o for o in seen if o != "passed"]
+        if not seen:
+            result = "not run"
+        elif bad:
+            result = f"{len(bad)} of {len(seen)} tests {'/'.join(sorted(set(bad)))}"
+        else:
+            result = f"{expected} ({len(seen)} tests)"
+        rows.append(f"| `{probe}` | {what} | {result} |")
+    return "\n".join(rows) + "\n"
+
+
+START, END = "<!-- reliability:start -->", "<!-- reliability:end -->"
+
+
+def splice(table: str, readme: str) -> str:
+    """``readme`` with the text between its reliability markers replaced by ``table``."""
+    head, rest = readme.split(START, 1)
+    return f"{head}{START}\n{table}{END}{rest.split(END, 1)[1]}"
+
+
+if __name__ == "__main__":  # python tests/reliability.py TABLE README: put a measured table into the README
+    import sys
+    from pathlib import Path
+
+    table_file, readme_file = (Path(a) for a in sys.argv[1:3])
+    readme_file.write_text(splice(table_file.read_text(), readme_file.read_text()))

@@ -27,3 +27,19 @@ def test_the_readme_names_every_pattern_and_preset():
 
     for name in [*PATTERNS, *PRESETS]:
         assert f"`{name}`" in README, name
+
+
+def test_the_reliability_table_lists_every_probe_and_each_probe_has_a_test():
+    from tests.reliability import END, PROBES, START
+
+    section = README.split(START)[1].split(END)[0].strip().splitlines()[2:]
+    rows = {}
+    for line in section:
+        probe, what, result = (cell.strip() for cell in line.strip("|").split("|"))
+        rows[probe.strip("`")] = (what, result)
+    assert list(rows) == list(PROBES)
+    for probe, (what, result) in rows.items():
+        assert what == PROBES[probe][0] and result.startswith(PROBES[probe][1]), (probe, result)
+    sources = "".join(p.read_text() for p in Path(__file__).parent.rglob("test_*.py"))
+    untested = [p for p in PROBES if f'@pytest.mark.probe("{p}")' not in sources]
+    assert not untested, f"probes without a test: {untested}"
