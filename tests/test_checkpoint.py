@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from recursivemas import GenerationConfig, RecursiveMAS, build_preset
 from recursivemas.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_release
 from recursivemas.errors import CheckpointError
 from recursivemas.links import InnerLink, LinkConfig, OuterLink, init_default
+from recursivemas.loading import load_system
+from recursivemas.models import load_model
 
 from .conftest import QUESTIONS
 
@@ -61,7 +64,8 @@ def test_loading_into_other_agents_fails_clearly(tmp_path, tiny_system):
 
 
 def test_fingerprint_detects_other_weights(tmp_path, tiny_system):
-    _perturbed_system().save_pretrained(str(tmp_path))
+    saved = _perturbed_system()
+    saved.save_pretrained(str(tmp_path))
     agents = list(tiny_system.agents.values())
     other = dataclasses.replace(agents[0], model=type(agents[0].model)(agents[0].model.config))
     with pytest.raises(CheckpointError, match="not the model the links were trained on"):
@@ -69,7 +73,9 @@ def test_fingerprint_detects_other_weights(tmp_path, tiny_system):
     loaded = RecursiveMAS.from_pretrained(
         str(tmp_path), agents=[other, *agents[1:]], check_fingerprints=False
     )
-    assert isinstance(loaded, RecursiveMAS)
+    assert loaded.agents["planner"].model is other.model  # the given model, deliberately accepted
+    expected = saved.links.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.links.state_dict().items())
 
 
 def test_fingerprint_is_dtype_stable(tiny_system):
@@ -238,14 +244,16 @@ def test_weights_from_another_save_are_refused(tmp_path):
 @pytest.mark.parametrize(
     "edit, match",
     [
-        (lambda c: [c], "JSON object"),
+        (lambda c: [c], "must hold a JSON object, not list"),
         (
             lambda c: {**c, "agents": [{k: v for k, v in a.items() if k != "model"} for a in c["agents"]]},
-            "no model",
+            r"agents\[0\]\.model: missing",
         ),
-        (lambda c: {**c, "graph": {**c["graph"], "colour": "blue"}}, "malformed"),
-        (lambda c: {**c, "links": [{**c["links"][0], "src_dim": "wide"}]}, "malformed"),
+        (lambda c: {**c, "agents": [{**a, "model": None} for a in c["agents"]]}, "records no model"),
+        (lambda c: {**c, "graph": {**c["graph"], "colour": "blue"}}, r"graph\.colour: unknown key"),
+        (lambda c: {**c, "links": [{**c["links"][0], "src_dim": "wide"}]}, r"links\[0\]\.src_dim"),
     ],
+    ids=["list", "model-key-missing", "model-null", "unknown-graph-key", "src_dim-string"],
 )
 def test_malformed_configs_give_checkpoint_errors(tmp_path, edit, match):
     _perturbed_system().save_pretrained(str(tmp_path))
@@ -253,3 +261,61 @@ def test_malformed_configs_give_checkpoint_errors(tmp_path, edit, match):
     path.write_text(json.dumps(edit(json.loads(path.read_text()))))
     with pytest.raises(CheckpointError, match=match):
         RecursiveMAS.from_pretrained(str(tmp_path))
+
+
+def _record_model(directory, agent: str, model: str) -> None:
+    path = directory / CONFIG_NAME
+    config = json.loads(path.read_text())
+    next(a for a in config["agents"] if a["name"] == agent)["model"] = model
+    path.write_text(json.dumps(config))
+
+
+def _no_download(spec, *args, **kwargs):
+    raise AssertionError(f"load_model({spec!r}) was called")
+
+
+@pytest.mark.probe("ckpt-hub-id")
+@pytest.mark.parametrize(
+    "model",
+    ["org/model", "gpt2", "./no-such-folder"],
+    ids=["org-slash-model", "bare-hub-name", "missing-folder"],
+)
+def test_hub_model_ids_need_an_opt_in(tmp_path, monkeypatch, model):
+    _perturbed_system().save_pretrained(str(tmp_path))
+    _record_model(tmp_path, "planner", model)
+    monkeypatch.setattr("recursivemas.checkpoint.load_model", _no_download)  # nothing loads before the check
+    with pytest.raises(CheckpointError, match=rf"planner: '{re.escape(model)}'.*allow_hub=True"):
+        RecursiveMAS.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.probe("ckpt-hub-id")
+def test_hub_model_ids_load_with_the_opt_in(tmp_path, monkeypatch):
+    saved = _perturbed_system()
+    saved.save_pretrained(str(tmp_path))
+    _record_model(tmp_path, "planner", "org/model")
+    asked = []
+
+    def from_hub(spec, dtype, device):  # stands in for the download
+        asked.append(spec)
+        return load_model("tiny-random:llama" if spec == "org/model" else spec, dtype, device)
+
+    monkeypatch.setattr("recursivemas.checkpoint.load_model", from_hub)
+    loaded = RecursiveMAS.from_pretrained(str(tmp_path), allow_hub=True)
+    assert loaded.agents["planner"].model_id == "org/model"
+    assert load_system(None, str(tmp_path), "float32", "cpu", allow_hub=True).agents["planner"].model_id == (
+        "org/model"
+    )
+    assert asked.count("org/model") == 2
+    with pytest.raises(CheckpointError, match="allow_hub=True"):
+        load_system(None, str(tmp_path), "float32", "cpu")
+
+
+def test_local_model_folders_load_without_the_opt_in(tmp_path):
+    folder = tmp_path / "planner-model"
+    model, tokenizer = load_model("tiny-random:llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    _perturbed_system().save_pretrained(str(tmp_path / "ckpt"))
+    _record_model(tmp_path / "ckpt", "planner", str(folder))
+    loaded = RecursiveMAS.from_pretrained(str(tmp_path / "ckpt"))  # fingerprint checked: same weights
+    assert loaded.agents["planner"].model_id == str(folder)

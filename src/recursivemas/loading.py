@@ -35,9 +35,17 @@ def resolve_device(device: str) -> str:
 
 
 def load_system(
-    preset: str | None, checkpoint: str | None, dtype_name: str, device: str, init: str | None = None
+    preset: str | None,
+    checkpoint: str | None,
+    dtype_name: str,
+    device: str,
+    init: str | None = None,
+    allow_hub: bool = False,
 ) -> RecursiveMAS:
-    """Build the preset (links by ``init``, default: the preset's) or load the checkpoint named."""
+    """Build the preset (links by ``init``, default: the preset's) or load the checkpoint named.
+
+    ``allow_hub`` lets a checkpoint name models on the Hugging Face Hub (see ``checkpoint.from_pretrained``).
+    """
     if preset and checkpoint:
         raise ConfigError("give either --preset or --checkpoint, not both")
     if checkpoint and init:
@@ -47,7 +55,7 @@ def load_system(
     print(f"recursivemas: loading {source} ({dtype_name} on {device})...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     if checkpoint:
-        system = RecursiveMAS.from_pretrained(checkpoint, dtype=dtype, device=device)
+        system = RecursiveMAS.from_pretrained(checkpoint, dtype=dtype, device=device, allow_hub=allow_hub)
     else:
         system = build_preset(preset or DEFAULT_PRESET, dtype=dtype, device=device, init=init)
     print(f"recursivemas: loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
