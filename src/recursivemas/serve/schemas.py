@@ -115,6 +115,8 @@ def _code(error_type: str) -> str:
     """An OpenAI-style error code for a pydantic error type."""
     if error_type == "missing":
         return "missing_required_parameter"
+    if error_type == "extra_forbidden":
+        return "unknown_parameter"
     if error_type.endswith(("_type", "_parsing")):
         return "invalid_type"
     return "invalid_value"
