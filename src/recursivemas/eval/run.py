@@ -5,14 +5,21 @@ Launched plainly it runs in one process. Under ``accelerate launch --multi_gpu -
 loads the system, answers every N-th question, and writes its scored predictions to
 ``DIR/.shards/``; the main process then merges them, in the same order a single process would produce,
 into one report. Apart from timings and memory, the merged report equals a single-process run.
+
+The report's files are written into a hidden folder inside ``DIR`` and moved into place at the end; a
+write that fails (a full disk) is a ``ConfigError`` that leaves ``DIR`` as it was: no ``.shards``, no
+half-written report.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import sys
+import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,7 +37,8 @@ from recursivemas.eval.harness import (
     summarize,
 )
 from recursivemas.eval.report import write_outputs
-from recursivemas.eval.tasks import load_task
+from recursivemas.eval.tasks import Task, load_task
+from recursivemas.fileio import atomic_write, check_writable_dir, write_failure
 from recursivemas.loading import load_system
 
 
@@ -93,12 +101,7 @@ def evaluate_command(opts: EvalOptions) -> int:
     if sweep and opts.latent_steps is not None:
         raise ConfigError("give either --latent-steps or --sweep-latent-steps, not both")
     out = Path(opts.output)
-    try:
-        (out / ".shards").mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(
-            f"cannot write to --output {opts.output} ({err.strerror}); choose another folder"
-        ) from None
+    check_writable_dir(out, "--output")
     state = PartialState(cpu=opts.device == "cpu")  # gloo on CPU, NCCL on GPUs
     device = str(state.device) if opts.device == "cuda" and state.num_processes > 1 else opts.device
     system = load_system(opts.preset, opts.checkpoint, opts.dtype, device)
@@ -140,34 +143,68 @@ def evaluate_command(opts: EvalOptions) -> int:
         for mode in settings.modes:
             runs[mode] = run_mode(system, task, shard, mode, settings, on_batch=bar.update)
     shards = out / ".shards"
-    _write_shard(shards / f"rank-{state.process_index}.json", runs)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        merged = {
-            mode: [_read_shard(shards / f"rank-{r}.json", mode) for r in range(state.num_processes)]
-            for mode in settings.modes
-        }
-        command = "recursivemas " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        if earlier is not None:
-            merged, command = _merge_earlier(out, earlier, merged, command)
-            report_settings["modes"] = list(merged)
-        modes, order = list(merged), {ex.id: i for i, ex in enumerate(task.examples)}
-        predictions = sorted(
-            (p for parts in merged.values() for part in parts for p in part.predictions),
-            key=lambda p: (modes.index(p.mode), p.seed, order[p.id]),
-        )
-        summary = summarize(merged, settings.seeds)
-        write_outputs(out, task.name, summary, report_settings, predictions, command)
-        shutil.rmtree(shards, ignore_errors=True)
-        for mode, m in summary.items():
-            print(
-                f"{mode:12} accuracy {100 * m['accuracy']:5.1f}% ± {100 * m['accuracy_std']:.1f}  "
-                f"distinct answers {m['distinct_answers']:4}  "
-                f"tokens/q {m['decoded_tokens_mean']:7.1f}  {m['seconds_total']:7.1f}s"
-            )
-        print(f"report: {out / 'report.md'}")
+    try:
+        _write_shard(shards / f"rank-{state.process_index}.json", runs)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            _report(out, shards, task, settings, report_settings, earlier, state.num_processes)
+    except OSError as err:
+        raise ConfigError(
+            f"cannot write the results to --output {out} ({write_failure(err, out)}); nothing was written "
+            f"there: free some space (or choose another --output) and run again"
+        ) from None
+    finally:
+        if state.is_main_process:
+            shutil.rmtree(shards, ignore_errors=True)
     state.wait_for_everyone()
     return 0
+
+
+def _report(
+    out: Path,
+    shards: Path,
+    task: Task,
+    settings: EvalSettings,
+    report_settings: dict,
+    earlier: tuple[dict, list[Prediction]] | None,
+    processes: int,
+) -> None:
+    """Merge every process's shard (and, for ``--merge``, the earlier report), write the report, print
+    the summary (main process)."""
+    merged = {
+        mode: [_read_shard(shards / f"rank-{r}.json", mode) for r in range(processes)]
+        for mode in settings.modes
+    }
+    command = "recursivemas " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if earlier is not None:
+        merged, command = _merge_earlier(out, earlier, merged, command)
+        report_settings["modes"] = list(merged)
+    modes, order = list(merged), {ex.id: i for i, ex in enumerate(task.examples)}
+    predictions = sorted(
+        (p for parts in merged.values() for part in parts for p in part.predictions),
+        key=lambda p: (modes.index(p.mode), p.seed, order[p.id]),
+    )
+    summary = summarize(merged, settings.seeds)
+    _publish(out, lambda to: write_outputs(to, task.name, summary, report_settings, predictions, command))
+    for mode, m in summary.items():
+        print(
+            f"{mode:12} accuracy {100 * m['accuracy']:5.1f}% ± {100 * m['accuracy_std']:.1f}  "
+            f"distinct answers {m['distinct_answers']:4}  "
+            f"tokens/q {m['decoded_tokens_mean']:7.1f}  {m['seconds_total']:7.1f}s"
+        )
+    print(f"report: {out / 'report.md'}")
+
+
+def _publish(out: Path, write: Callable[[Path], object]) -> None:
+    """Call ``write(staging)`` on a hidden folder inside ``out``, then move its files into ``out``; the
+    folder is removed whatever happens, so a failed write leaves ``out`` unchanged."""
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=".report-"))
+    try:
+        write(staging)
+        for file in sorted(staging.iterdir()):
+            os.replace(file, out / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # Settings that may differ between the runs a merged report combines (the rest must be equal).
@@ -227,6 +264,7 @@ def _earlier_command(out: Path) -> str:
 
 
 def _write_shard(path: Path, runs: dict[str, ModeRun]) -> None:
+    """This process's scored predictions, written atomically into ``DIR/.shards``."""
     data = {
         mode: {
             "seconds": run.seconds,
@@ -235,7 +273,9 @@ def _write_shard(path: Path, runs: dict[str, ModeRun]) -> None:
         }
         for mode, run in runs.items()
     }
-    path.write_text(json.dumps(data))
+    path.parent.mkdir(exist_ok=True)
+    text = json.dumps(data)
+    atomic_write(path, lambda p: p.write_text(text))
 
 
 def _read_shard(path: Path, mode: str) -> ModeRun:

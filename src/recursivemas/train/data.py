@@ -6,12 +6,14 @@ Two row formats are accepted, checked per row:
 * ``{question, plan, refined_plan, answer}`` — also feeds the release's teacher-forced outer loop.
 
 Any row may carry ``context``: agent name -> private text (the relay task uses it). Rows become
-``TrainRow`` objects; ``build_splits`` returns disjoint train and validation lists.
+``TrainRow`` objects; ``build_splits`` returns disjoint train and validation lists, and ``data_digest``
+fingerprints them (and each source file) so a resumed run can tell that its data changed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import random
 from collections.abc import Iterable
@@ -21,6 +23,7 @@ from pathlib import Path
 from recursivemas.errors import ConfigError, InputError
 from recursivemas.eval.relay import SENDER, relay_rows
 from recursivemas.eval.tasks import BOXED_SUFFIX, gym_dataset, load_task, read_rows
+from recursivemas.fileio import atomic_write, sha256_file
 from recursivemas.train.config import DataSection, SourceSpec
 
 TEXT_FIELDS = ("question", "answer", "plan", "refined_plan")
@@ -232,11 +235,26 @@ def _shares(total: int, sizes: list[int]) -> list[int]:
     return shares
 
 
+def data_digest(data: DataSection, splits: Splits) -> dict:
+    """``{"rows": sha256 of every train and validation row, "files": {path: sha256}}`` of ``file``
+    sources: what a resumed run compares to tell whether its data changed, and which file did."""
+    digest = hashlib.sha256()
+    for part in (splits.train, splits.validation):
+        digest.update(b"\x00part")
+        for row in part:
+            fields = [row.question, row.answer, row.texts, row.context, row.answer_format]
+            digest.update((json.dumps(fields, sort_keys=True) + "\n").encode())
+    files = {s.path: sha256_file(Path(s.path)) for s in data.sources if s.kind == "file" and s.path}
+    return {"rows": digest.hexdigest(), "files": files}
+
+
 def write_jsonl(rows: Iterable[TrainRow], path: Path) -> None:
-    """Write rows in the ``{question, answer[, plan, refined_plan][, context]}`` format."""
-    with path.open("w", encoding="utf-8") as f:
-        for r in rows:
-            record: dict = {"question": r.question, "answer": r.answer, **r.texts}
-            if r.context:
-                record["context"] = r.context
-            f.write(json.dumps(record) + "\n")
+    """Write rows in the ``{question, answer[, plan, refined_plan][, context]}`` format, atomically (a
+    failed write leaves the old file or none, never part of one)."""
+    lines = []
+    for r in rows:
+        record: dict = {"question": r.question, "answer": r.answer, **r.texts}
+        if r.context:
+            record["context"] = r.context
+        lines.append(json.dumps(record) + "\n")
+    atomic_write(path, lambda p: p.write_text("".join(lines), encoding="utf-8"))

@@ -9,7 +9,11 @@ run resumed from a checkpoint continues exactly as the uninterrupted run would h
 
 Outputs under ``run.output``: ``train_log.jsonl`` (one JSON object per logged step and per validation),
 ``checkpoints/`` (see ``recursivemas.train.state``), ``final/`` (the trained links as a link checkpoint,
-loadable with ``RecursiveMAS.from_pretrained``), ``report.json`` and ``curves.png``.
+loadable with ``RecursiveMAS.from_pretrained``), ``curves.png``, and ``report.json``, written last: it
+marks a finished run. ``train.lock`` holds off a second run on the same folder (``OutputLock``).
+
+A resume record also carries ``data_digest`` (a hash of the rows and of each data file), so a run
+resumed on edited data is refused instead of silently training on other rows.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,20 +39,29 @@ from transformers import get_cosine_schedule_with_warmup
 
 from recursivemas.checkpoint import load_links
 from recursivemas.errors import CheckpointError, ConfigError
-from recursivemas.fileio import atomic_write
+from recursivemas.fileio import WRITE_ERRORS, atomic_write, check_writable_dir, write_failure
 from recursivemas.loading import DTYPES
 from recursivemas.memory import PeakMemory
 from recursivemas.presets import build_from_specs, build_preset
 from recursivemas.system import RecursiveMAS
 from recursivemas.train.config import SystemSection, TrainConfig
 from recursivemas.train.curves import plot_curves
-from recursivemas.train.data import Splits, TrainRow, build_splits
+from recursivemas.train.data import Splits, TrainRow, build_splits, data_digest
 from recursivemas.train.objectives import InnerObjective, LossOutput, build_objective, loss_totals
-from recursivemas.train.state import TrainState, clean_partial, latest_checkpoint, load_state, save_state
+from recursivemas.train.state import (
+    OutputLock,
+    TrainState,
+    clean_partial,
+    latest_checkpoint,
+    load_state,
+    save_state,
+)
 
 logger = logging.getLogger(__name__)
 LOG_NAME = "train_log.jsonl"
 REPORT_NAME = "report.json"
+FINAL_NAME = "final"
+DATA_DIGEST = "data_digest"
 VALIDATION_KEY_OFFSET = 1 << 40  # precomputed-state keys of validation rows never clash with training rows
 RESUME_INVARIANT = ("stage", "trainable", "system", "data", "objective", "optim", "seed", "processes")
 
@@ -170,6 +185,9 @@ class Trainer:
             cpu=config.system.device == "cpu", log_with=trackers or None, project_dir=str(self.output)
         )
         self.main = self.accelerator.is_main_process
+        if self.main:  # before any work: the output folder is writable and no other run uses it
+            check_writable_dir(self.output, "the output folder (run.output / --output)")
+            OutputLock(self.output).check_free()
         torch.manual_seed(config.run.seed)
         device = str(self.accelerator.device) if config.system.device == "auto" else config.system.device
         self.system = build_system(config.system, device)
@@ -179,6 +197,7 @@ class Trainer:
         self.objective = build_objective(self.system, config)
         self.splits: Splits = build_splits(config.data, sender=self.system.config.order[0])
         _check_contexts(self.system, self.splits)
+        self.data_digest = data_digest(config.data, self.splits)
         opt = config.optim
         self.optimizer = torch.optim.AdamW(
             self.params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay
@@ -201,12 +220,14 @@ class Trainer:
     # --- checkpoints -----------------------------------------------------------------------------
 
     def _resume_config(self) -> dict:
-        """Everything a step's rows and update depend on (``optim.max_steps`` may change on resume)."""
+        """Everything a step's rows and update depend on (``optim.max_steps`` may change on resume), and
+        the digest of the data itself."""
         dump = self.config.model_dump(mode="json")
         record = {k: dump[k] for k in ("stage", "trainable", "system", "data", "objective")}
         record["optim"] = {k: v for k, v in dump["optim"].items() if k != "max_steps"}
         record["seed"] = self.config.run.seed
         record["processes"] = self.accelerator.num_processes
+        record[DATA_DIGEST] = self.data_digest
         return record
 
     def save(self) -> None:
@@ -225,22 +246,39 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def resume(self) -> bool:
-        """Restore the newest checkpoint under the output directory; ``False`` if there is none."""
+        """Restore the newest checkpoint under the output directory; ``False`` if there is none.
+
+        ``CheckpointError`` if the checkpoint was written with another config or other data;
+        ``ConfigError`` if the run already finished (nothing is changed then).
+        """
         root = self.output / "checkpoints"
         path = latest_checkpoint(root)
         if path is None:
             return False
         state = load_state(path)
-        if state.config != self._resume_config():
-            changed = [k for k in RESUME_INVARIANT if state.config.get(k) != self._resume_config()[k]]
+        current = self._resume_config()
+        changed = [k for k in RESUME_INVARIANT if state.config.get(k) != current[k]]
+        if changed:
             raise CheckpointError(
                 f"{path} was written with a different config (sections {changed} differ); resume with "
                 f"the same config, or pick another --output"
             )
+        _check_data(path, state.config.get(DATA_DIGEST), current[DATA_DIGEST])
         missing = sorted(set(self.named) - set(state.tensors))
         if missing:
             raise CheckpointError(
                 f"{path} lacks trainable tensors {missing[:3]}...: not this run's checkpoint"
+            )
+        if state.step > self.config.optim.max_steps:
+            raise CheckpointError(
+                f"{path} is at step {state.step}, past optim.max_steps = {self.config.optim.max_steps}"
+            )
+        if state.step == self.config.optim.max_steps and _report_steps(self.output) == state.step:
+            raise ConfigError(
+                f"{self.output} holds a finished run (step {state.step} of optim.max_steps = "
+                f"{state.step}, with its report and final links): nothing left to do, nothing was "
+                f"changed. To train further, raise optim.max_steps (--max-steps) and --resume again; "
+                f"to train anew, choose another --output"
             )
         with torch.no_grad():
             for name, p in self.named.items():
@@ -248,10 +286,6 @@ class Trainer:
         self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
         self.step = state.step
-        if self.step > self.config.optim.max_steps:
-            raise CheckpointError(
-                f"{path} is at step {self.step}, past optim.max_steps = {self.config.optim.max_steps}"
-            )
         if self.main:
             _truncate_log(self.output / LOG_NAME, self.step)
         return True
@@ -344,10 +378,30 @@ class Trainer:
     # --- run -------------------------------------------------------------------------------------
 
     def run(self, resume: bool = False) -> TrainReport:
-        """Train to ``optim.max_steps`` (from the last checkpoint if ``resume``); write outputs."""
+        """Train to ``optim.max_steps`` (from the last checkpoint if ``resume``); write outputs.
+
+        The main process holds ``OutputLock`` on the output folder for the whole run, resume included:
+        a second run on the same folder fails at once with ``ConfigError`` naming the holder.
+
+        ``resume`` of a finished run (its checkpoint at ``optim.max_steps`` and its ``report.json`` for
+        that step) raises ``ConfigError`` saying there is nothing left to do, and changes nothing; a run
+        whose final save failed (e.g. a full disk) has its final outputs written, with the losses taken
+        from its log. ``CheckpointError`` when a checkpoint or the final outputs cannot be written.
+        """
+        lock = OutputLock(self.output)
         if self.main:
             self.output.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        try:
+            return self._run(resume)
+        finally:
+            lock.release()
+
+    def _run(self, resume: bool) -> TrainReport:
+        """``run`` under the lock."""
+        if self.main:
             clean_partial(self.output / "checkpoints")
+            shutil.rmtree(self.output / f".tmp-{FINAL_NAME}", ignore_errors=True)  # a killed final save's
             if not resume and latest_checkpoint(self.output / "checkpoints") is not None:
                 raise ConfigError(
                     f"{self.output} already holds checkpoints; pass --resume to continue, or another --output"
@@ -356,24 +410,24 @@ class Trainer:
         resumed = self.resume() if resume else False
         if self.main and not resumed:
             (self.output / LOG_NAME).unlink(missing_ok=True)  # a fresh run starts a fresh log
+        last, validation = _logged(self.output / LOG_NAME) if resumed else ({}, [])
         start = time.perf_counter()
         with PeakMemory(self.accelerator.device) as memory:
             if isinstance(self.objective, InnerObjective):
                 self._precompute()  # counted in the run's time and memory
-            last, validation = self._loop()
+            last = self._loop(last, validation)
         report = self._finish(last, validation, time.perf_counter() - start, memory)
         self.accelerator.end_training()
         return report
 
-    def _loop(self) -> tuple[dict, list[dict]]:
-        """Steps from ``self.step`` to the end; returns the last step's record and the validations."""
+    def _loop(self, last: dict, validation: list[dict]) -> dict:
+        """Steps from ``self.step`` to the end, adding to ``validation``; returns the last step's record
+        (``last`` if no step is left)."""
         cfg = self.config
         log = _LogWriter(self.output / LOG_NAME, self.main)
         bar = tqdm(
             total=cfg.optim.max_steps, initial=self.step, disable=not self.main, desc=f"train {cfg.stage}"
         )
-        last: dict = {}
-        validation: list[dict] = []
         if self.step == 0:
             self._validate(log, validation)  # the starting point (e.g. training-free links)
         while self.step < cfg.optim.max_steps:
@@ -388,7 +442,7 @@ class Trainer:
             if self.step % cfg.run.checkpoint_every == 0 or self.step == cfg.optim.max_steps:
                 self.save()
         bar.close()
-        return last, validation
+        return last
 
     def _precompute(self) -> None:
         """Cache the frozen hidden states of the rows this run uses, in fixed chunks of ``batch_size``
@@ -437,13 +491,36 @@ class Trainer:
         if len(set(report.replica_digests)) > 1:
             logger.warning("processes ended with different trainable weights: %s", report.replica_digests)
         if self.main:
-            self.system.save_pretrained(str(self.output / "final"), self.command)
-            if self.config.trainable == "full":
-                self._save_agents(self.output / "final" / "agents")
-            (self.output / REPORT_NAME).write_text(json.dumps(asdict(report), indent=2) + "\n")
-            plot_curves(self.output / LOG_NAME, self.output / "curves.png", f"{self.config.stage} stage")
+            self._write_outputs(report)
         self.accelerator.wait_for_everyone()
         return report
+
+    def _write_outputs(self, report: TrainReport) -> None:
+        """``final/`` (written aside, then swapped in whole), ``curves.png``, then ``report.json``.
+
+        The old report goes first and the new one comes last, so ``report.json`` only ever describes the
+        ``final/`` beside it. ``CheckpointError`` if a write fails (a full disk): the checkpoint at this
+        step stays, and ``--resume`` writes the outputs again.
+        """
+        staging, final = self.output / f".tmp-{FINAL_NAME}", self.output / FINAL_NAME
+        try:
+            (self.output / REPORT_NAME).unlink(missing_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
+            self.system.save_pretrained(str(staging), self.command)
+            if self.config.trainable == "full":
+                self._save_agents(staging / "agents")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staging, final)
+            plot_curves(self.output / LOG_NAME, self.output / "curves.png", f"{self.config.stage} stage")
+            text = json.dumps(asdict(report), indent=2) + "\n"
+            atomic_write(self.output / REPORT_NAME, lambda p: p.write_text(text))
+        except WRITE_ERRORS as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise CheckpointError(
+                f"cannot write the final outputs to {self.output} ({write_failure(err, self.output)}); "
+                f"the trained state is kept in checkpoints/step-{self.step:06d}: free some space, then "
+                f"rerun with --resume to write them"
+            ) from None
 
     def _save_agents(self, root: Path) -> None:
         """Full fine-tuning: each fine-tuned model (once per shared model) as a HuggingFace folder."""
@@ -488,6 +565,57 @@ def _truncate_log(path: Path, step: int) -> None:
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
     atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
+
+
+def _logged(path: Path) -> tuple[dict, list[dict]]:
+    """The last training record and every validation record in a (truncated) log: what a resumed run
+    carries into its report."""
+    last: dict = {}
+    validation: list[dict] = []
+    if not path.is_file():
+        return last, validation
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill (not yet truncated on this process)
+            continue
+        if not isinstance(record, dict):
+            continue
+        if record.get("kind") == "train":
+            last = record
+        elif record.get("kind") == "validation":
+            validation.append(record)
+    return last, validation
+
+
+def _report_steps(output: Path) -> int | None:
+    """``steps`` of the run's ``report.json`` (written last, so present only for finished runs)."""
+    try:
+        report = json.loads((output / REPORT_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return report.get("steps") if isinstance(report, dict) else None
+
+
+def _check_data(path: Path, saved: object, current: dict) -> None:
+    """``CheckpointError`` naming what changed when the data differs from the checkpoint's."""
+    if saved is None:
+        logger.warning("%s records no data digest (older version): cannot check the data is unchanged", path)
+        return
+    if saved == current:
+        return
+    old_files = saved.get("files") if isinstance(saved, dict) else None
+    old_files, new_files = old_files if isinstance(old_files, dict) else {}, current["files"]
+    edited = sorted(f for f in {*old_files, *new_files} if old_files.get(f) != new_files.get(f))
+    what = (
+        f"data file(s) {', '.join(edited)} changed"
+        if edited
+        else "the training rows differ (a generated or hub source now yields other rows)"
+    )
+    raise CheckpointError(
+        f"{path} was trained on other data: {what} since it was written. Restore the data as it was "
+        f"to resume, or start a new --output folder to train on the new data"
+    )
 
 
 def _available_trackers(names: Sequence[str]) -> list[str]:
