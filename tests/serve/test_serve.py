@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import pytest
 
@@ -22,12 +23,14 @@ import httpx  # noqa: E402
 from recursivemas import GenerationConfig, RecursiveMAS, build_preset  # noqa: E402
 from recursivemas.errors import ConfigError, PromptTooLongError  # noqa: E402
 from recursivemas.serve import serve_command  # noqa: E402
+from recursivemas.serve.app import create_app  # noqa: E402
 from recursivemas.serve.batcher import Job, RunKey, run_jobs  # noqa: E402
 from recursivemas.serve.config import ServeConfig  # noqa: E402
 from recursivemas.serve.responses import PIECE  # noqa: E402
 from recursivemas.system import MASInput  # noqa: E402
 from tests.conftest import QUESTIONS  # noqa: E402
 from tests.serve.harness import (  # noqa: E402
+    CONFIG,
     KEY,
     MAX_TOKENS,
     MODEL,
@@ -301,6 +304,24 @@ def test_non_local_bind_needs_a_key() -> None:
     ServeConfig(model_name=MODEL, host="::1").check_bind()
     with pytest.raises(ConfigError, match="--api-key"):  # refused before any model loads
         serve_command(preset="tiny-random", host="10.1.2.3", port=0)
+
+
+def test_a_failed_load_is_reported_and_fatal() -> None:
+    reasons: list[str] = []
+
+    def broken() -> RecursiveMAS:
+        raise ConfigError("no such checkpoint")
+
+    server = ThreadServer(create_app(replace(CONFIG, api_key=None), broken, reasons.append))
+    server.thread.start()
+    try:
+        assert wait_until(lambda: bool(reasons), 10)
+        health = httpx.get(f"{server.url}/health")
+        assert health.status_code == 503 and "no such checkpoint" in health.json()["error"]
+        response = post(server, good_chat())
+        assert response.status_code == 503 and response.json()["error"]["code"] == "not_ready"
+    finally:
+        server.stop()
 
 
 def test_stream_pieces_rebuild_the_text() -> None:
