@@ -171,7 +171,7 @@ def prepare(
         opts.latent_steps,
         gen.max_new_tokens,
         gen.temperature,
-        gen.top_p,
+        gen.top_p if gen.temperature else 1.0,  # greedy ignores top_p: do not split batches on it
         LENS_TOP_K if opts.trace else 0,
     )
     return key, item, seed
