@@ -1,4 +1,4 @@
-"""Command line: ``recursivemas run | chat | demo | eval | train | gen-data | models``.
+"""Command line: ``recursivemas run | chat | demo | eval | train | gen-data | serve | models``.
 
 Results go to stdout (human text, or JSON Lines with ``--json``); progress, loading messages and
 errors go to stderr. Bad input exits with status 2 and a one-line message saying what to change,
@@ -28,6 +28,7 @@ from recursivemas.loading import DTYPES, load_system
 from recursivemas.models.bundled import BUNDLED, cache_problem, ensure_cached, model_dir
 from recursivemas.models.tiny import TINY_MODELS
 from recursivemas.presets import DEFAULT_PRESET, PRESETS
+from recursivemas.serve import add_serve_parser, serve_command
 from recursivemas.system import MODES, MASInput, RecursiveMAS
 from recursivemas.trace import RunResult, StageTrace
 
@@ -61,6 +62,7 @@ class SystemOptions:
     dtype: str
     json: bool
     trace: bool
+    allow_hub: bool = False
 
     def generation(self) -> GenerationConfig:
         return GenerationConfig(self.max_new_tokens, self.temperature, self.top_p, self.seed)
@@ -264,7 +266,7 @@ def run_command(opts: SystemOptions, questions: list[str], input_file: str | Non
         raise InputError("no question given: pass QUESTION arguments or --input FILE.jsonl|.txt")
     opts.generation()  # validate decoding settings before loading any model
     if any(row.pending for row in rows):
-        system = load_system(opts.preset, opts.checkpoint, opts.dtype, opts.device, opts.init)
+        system = load_system(opts.preset, opts.checkpoint, opts.dtype, opts.device, opts.init, opts.allow_hub)
         check_context_budget(system, opts, [opts.mode])
         try:
             answer_stream(system, rows, opts)
@@ -390,7 +392,7 @@ def _largest(fits: Callable[[int], bool], high: int = MAX_LENGTH) -> int:
 def chat_command(opts: SystemOptions) -> int:
     """``recursivemas chat``: an interactive loop, one independent question per line."""
     opts.generation()
-    system = load_system(opts.preset, opts.checkpoint, opts.dtype, opts.device, opts.init)
+    system = load_system(opts.preset, opts.checkpoint, opts.dtype, opts.device, opts.init, opts.allow_hub)
     check_context_budget(system, opts, [opts.mode])
     mode = opts.mode
     print(
@@ -424,7 +426,7 @@ def demo_command(opts: SystemOptions, question: str) -> int:
     """``recursivemas demo``: a question in latent mode, then in text mode (both traced), then compared."""
     item = MASInput.parse(question)
     opts.generation()
-    system = load_system(opts.preset, opts.checkpoint, opts.dtype, opts.device, opts.init)
+    system = load_system(opts.preset, opts.checkpoint, opts.dtype, opts.device, opts.init, opts.allow_hub)
     check_context_budget(system, opts, ["latent", "text"])
     results = {}
     for mode in ("latent", "text"):
@@ -557,6 +559,7 @@ def bounded_int(low: int, high: int, why: str) -> Callable[[str], int]:
 
 ROUNDS = bounded_int(1, MAX_ROUNDS, "beyond it a run takes unreasonably long")
 LENGTH = bounded_int(1, MAX_LENGTH, "the agents' context windows narrow it further")
+HUB_HELP = "let a --checkpoint name models by Hugging Face Hub id (downloads them; off by default)"
 BATCH_SIZE = bounded_int(1, MAX_BATCH_SIZE, "larger batches only exhaust memory")
 
 
@@ -568,6 +571,7 @@ def _system_parser() -> argparse.ArgumentParser:
         "--preset", choices=sorted(PRESETS), help=f"built-in system (default {DEFAULT_PRESET})"
     )
     source.add_argument("--checkpoint", metavar="DIR", help="a directory written by save_pretrained")
+    parent.add_argument("--allow-hub", action="store_true", help=HUB_HELP)
     parent.add_argument(
         "--init",
         choices=["trained", "training-free", "identity"],
@@ -613,6 +617,7 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
         "--preset", choices=sorted(PRESETS), help=f"built-in system (default {DEFAULT_PRESET})"
     )
     source.add_argument("--checkpoint", metavar="DIR")
+    ev.add_argument("--allow-hub", action="store_true", help=HUB_HELP)
     ev.add_argument("--modes", default=EVAL_MODES, help=f"comma-separated subset of {EVAL_MODES}")
     ev.add_argument("--limit", type=int, help="test questions (default: all; 50 for generated tasks)")
     ev.add_argument("--seeds", default="0,1,2", help="sampling seeds, comma-separated")
@@ -678,6 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("question", nargs="?", default=DEMO_QUESTION)
     _eval_parser(sub)
     _train_parsers(sub)
+    add_serve_parser(sub)
     for name, text in (
         ("models", "list presets and models, and whether bundled models are cached"),
         ("presets", "alias of models"),
@@ -711,6 +717,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from recursivemas.train.cli import gen_data_command
 
             return gen_data_command(**args)
+        if command == "serve":
+            return serve_command(**args)
         if command == "eval":
             # The harness pulls in reasoning-gym, math-verify, accelerate and matplotlib (~0.6 s):
             # imported only for this command so `run`/`chat` start faster.

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from recursivemas.errors import ConfigError
-from recursivemas.models.bundled import BUNDLED, ensure_cached
+from recursivemas.models.bundled import BUNDLED, cached
 from recursivemas.models.tiny import TINY_MODELS, tiny_model
 
 TINY_PREFIX = "tiny-random:"
@@ -33,19 +33,25 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
             raise ConfigError(f"unknown tiny model {spec!r}; choose one of {', '.join(registry_names())}")
         model, tok = tiny_model(name, dtype)
         return model.to(device), tok
-    path = ensure_cached(spec) if spec in BUNDLED else spec
+    if spec not in BUNDLED:
+        return _from_pretrained(spec, spec, dtype, device)
     bars = hf_logging.is_progress_bar_enabled()
-    if spec in BUNDLED:
-        hf_logging.disable_progress_bar()  # loading from our cache takes seconds: no bars needed
+    hf_logging.disable_progress_bar()  # loading from our cache takes seconds: no bars needed
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+        with cached(spec) as path:  # a shared lock: no other process rebuilds the cache while we read it
+            return _from_pretrained(spec, str(path), dtype, device)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _from_pretrained(spec: str, path: str, dtype: torch.dtype, device: str) -> tuple[Any, Any]:
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     except (OSError, ValueError) as err:
         raise ConfigError(
             f"cannot load model {spec!r}: it is not a registry name ({', '.join(registry_names())}), "
             f"a local model folder, or a hub id reachable from here ({err.__class__.__name__})"
         ) from None
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
     return model, tok

@@ -34,6 +34,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         "--preset", choices=sorted(PRESETS), help=f"built-in system (default {DEFAULT_PRESET})"
     )
     source.add_argument("--checkpoint", metavar="DIR", help="a directory written by save_pretrained")
+    serve.add_argument(
+        "--allow-hub", action="store_true", help="let --checkpoint name models by Hugging Face Hub id"
+    )
     serve.add_argument("--init", choices=["trained", "training-free", "identity"], help="a preset's links")
     serve.add_argument(
         "--model-name", help="the model id clients send (default: the preset or checkpoint name)"
@@ -76,6 +79,7 @@ def serve_command(
     preset: str | None = None,
     checkpoint: str | None = None,
     init: str | None = None,
+    allow_hub: bool = False,
     model_name: str | None = None,
     api_key: str | None = None,
     device: str = "cpu",
@@ -94,7 +98,7 @@ def serve_command(
     )
     config.check_bind()
     resolve_device(device)
-    return run_server(config, partial(load_system, preset, checkpoint, dtype, device, init))
+    return run_server(config, partial(load_system, preset, checkpoint, dtype, device, init, allow_hub))
 
 
 def default_model_name(preset: str | None, checkpoint: str | None) -> str:
