@@ -306,4 +306,4 @@ def test_format_1_without_config_hash_still_loads(checkpoint):
 @pytest.mark.parametrize("name", sorted(p.parent.name for p in WEIGHTS_DIR.glob(f"*/{CONFIG_NAME}")))
 def test_shipped_checkpoints_pass_the_schema(name):
     config = read_config(WEIGHTS_DIR / name)
-    assert config.format_version == 1 and len(config.links) >= 4
+    assert config.format_version == 2 and config.config_sha256 and len(config.links) >= 4
