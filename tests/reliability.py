@@ -68,7 +68,7 @@ def reliability_table(outcomes: dict[str, list[str]]) -> str:
         elif bad:
             result = f"{len(bad)} of {len(seen)} tests {'/'.join(sorted(set(bad)))}"
         else:
-            result = f"{expected} ({len(seen)} tests)"
+            result = f"{expected} ({len(seen)} test{'s' if len(seen) > 1 else ''})"
         rows.append(f"| `{probe}` | {what} | {result} |")
     return "\n".join(rows) + "\n"
 
