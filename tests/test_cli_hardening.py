@@ -46,6 +46,8 @@ def _interrupt_after_first_answer(extra: list[str], first_done: str) -> tuple[in
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
+        # a test run started in the background inherits SIGINT ignored; give the CLI a terminal's default
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         lines = []

@@ -239,19 +239,20 @@ def _works(command: list[str]) -> bool:
 
 
 def _command(level: str, args: list[int]) -> list[str]:
-    """The argv that runs the wrapper with ``args`` under isolation ``level``."""
+    """The argv that runs the wrapper with ``args`` under isolation ``level``. With namespaces the base
+    interpreter runs from its prefix bind-mounted at ``_SANDBOX_PYTHON`` (reachable by ``nobody``, and
+    not hidden by the fresh ``/tmp`` when a virtual environment lives there)."""
     wrapper = ["-I", "-c", _WRAPPER, *map(str, args)]
     if level == "none":
         return [sys.executable, *wrapper]
-    if level == "namespaces":
-        setup = [shutil.which("unshare"), "--user", "--map-root-user", *_UNSHARE, "sh", "-c", _SETUP]
-        return [*setup, "sandbox-setup", "", "", sys.executable, *wrapper]
     prefix = Path(sys.base_prefix)
     python = Path(_SANDBOX_PYTHON) / Path(sys._base_executable).relative_to(prefix)  # type: ignore[attr-defined]
+    unshare = [shutil.which("unshare"), *_UNSHARE, "sh", "-c", _SETUP, "sandbox-setup", str(prefix)]
+    if level == "namespaces":
+        return [unshare[0], "--user", "--map-root-user", *unshare[1:], "", str(python), *wrapper]
     drop = [shutil.which("setpriv"), f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
     drop += ["--no-new-privs", "--pdeathsig=KILL", "--"]
-    setup = [shutil.which("unshare"), *_UNSHARE, "sh", "-c", _SETUP, "sandbox-setup"]
-    return [*setup, str(prefix), str(NOBODY), *drop, str(python), *wrapper]
+    return [*unshare, str(NOBODY), *drop, str(python), *wrapper]
 
 
 def _unlinked_file(path: Path, data: bytes) -> int:
