@@ -1,0 +1,220 @@
+"""Roofline of the one-position steps: measured time vs the time to stream the bytes a step must read.
+
+    python benchmarks/roofline.py [--models smollm2-135m gemma3-270m] [--batches 1 4 16] [--dtype float32]
+                                  [--prompt-tokens 64] [--steps 16] [--rollouts 4] [--quick]
+
+Bandwidth: best of several ``dst.copy_(src)`` of 1 GiB float32 with torch's default threads, counted as
+read + write bytes (2 x 1 GiB per copy); a read-only ``src.sum()`` figure is recorded beside it.
+
+Steps: each rollout prefills a random ``--prompt-tokens`` prompt (untimed), then times ``--steps``
+one-position steps one by one, so the KV cache spans prompt + 1 .. prompt + steps, as in an m = 16 rollout.
+The first rollout is warm-up; the figure is the median over the others. The steps are raw model forwards
+written as the library's loop bodies, with its helpers: a latent step is ``Agent.think``'s
+(``agent.backbone`` on ``inputs_embeds`` = R_in(h) of the previous step, then the inner link, shaped like
+the default preset's: paper form, residual projection, norm rescaling); a decode step is ``Agent.decode``'s
+greedy one (``agent.model`` on the previous token id with ``logits_to_keep=1``, then argmax). As a check
+that these describe what users run, at batch 1 the per-step time of the whole ``Agent.think`` /
+``Agent.decode`` is also taken, as (time of 1 + steps - time of 1) / steps (``library_ms``; EOS is disabled
+for the decode).
+
+Bound: bytes read per step / copy bandwidth. A latent step reads every transformer layer and the final norm,
+the inner link and the KV cache (no embedding row: its input is a vector; no LM head). A decode step reads
+the same layers, one embedding row per batch row, the LM head (with tied embeddings that is the embedding
+matrix, counted once) and the KV cache. Activations are not counted. Writes ``results/roofline.json``
+(``roofline-<dtype>.json`` for other dtypes, ``-quick`` with ``--quick``) and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from recursivemas.agent import Agent, GenerationConfig, PromptBatch, position_ids
+from recursivemas.cache import cache_kwargs, cache_length, new_cache
+from recursivemas.links import InnerLink, LinkConfig
+from recursivemas.models.bundled import BUNDLED
+
+RESULTS = Path(__file__).parent / "results"
+GiB = 2**30
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """Least wall time of ``repeats`` calls after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def bandwidth(repeats: int) -> dict[str, float]:
+    """GB/s (1e9 bytes) of a 1 GiB float32 copy (read + write bytes) and sum (read bytes)."""
+    src = torch.ones(GiB // 4)
+    dst = torch.zeros_like(src)  # touched, so no page faults are timed
+    copy = best_time(lambda: dst.copy_(src), repeats)
+    read = best_time(lambda: src.sum(), repeats)
+    return {"copy_gbps": 2 * GiB / copy / 1e9, "read_gbps": GiB / read / 1e9}
+
+
+def param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())  # shared tensors counted once
+
+
+def kv_bytes(agent: Agent, batch: int, length: int) -> int:
+    """Bytes of keys and values a step attends over with ``length`` cached positions (its own included)."""
+    config = agent.model.config.get_text_config()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    window = getattr(config, "sliding_window", None) or length
+    positions = sum(min(length, window) if t == "sliding_attention" else length for t in types)
+    return 2 * batch * config.num_key_value_heads * head_dim * positions * agent.dtype.itemsize
+
+
+def prompt(agent: Agent, batch: int, tokens: int) -> PromptBatch:
+    ids = torch.randint(0, len(agent.tokenizer), (batch, tokens), generator=torch.Generator().manual_seed(0))
+    return agent.encode([[agent.embed(row)] for row in ids])
+
+
+def rollout(
+    agent: Agent, link: InnerLink, batch: PromptBatch, steps: int, kind: str
+) -> list[tuple[float, int]]:
+    """(seconds, cache length after the step) of each one-position step after an untimed prefill."""
+    cache, mask = new_cache(agent.model), batch.mask
+    pos, times = position_ids(mask), []
+    if kind == "latent":  # Agent.think's loop body
+        module, kw = agent.backbone, cache_kwargs(agent.backbone, cache)
+        h = module(inputs_embeds=batch.embeds, attention_mask=mask, position_ids=pos, **kw).last_hidden_state
+        x = link(h[:, -1]).to(agent.dtype)[:, None]
+    else:  # Agent.decode's greedy loop body
+        module, kw = agent.model, {**cache_kwargs(agent.model, cache), "logits_to_keep": 1}
+        out = module(inputs_embeds=batch.embeds, attention_mask=mask, position_ids=pos, **kw)
+        nxt = out.logits[:, -1].float().argmax(-1)
+    for _ in range(steps):
+        start = time.perf_counter()
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        pos = pos[:, -1:] + 1
+        if kind == "latent":
+            out = module(inputs_embeds=x, attention_mask=mask, position_ids=pos, **kw)
+            x = link(out.last_hidden_state[:, -1]).to(agent.dtype)[:, None]
+        else:
+            out = module(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, **kw)
+            nxt = out.logits[:, -1].float().argmax(-1)
+        times.append((time.perf_counter() - start, cache_length(cache)))
+    return times
+
+
+def library_step(agent: Agent, link: InnerLink, batch: PromptBatch, steps: int, kind: str, n: int) -> float:
+    """Per-step seconds of the whole ``Agent.think`` / ``Agent.decode``: median of (t(1 + steps) - t(1))."""
+
+    def run(m: int) -> float:
+        start = time.perf_counter()
+        if kind == "latent":
+            agent.think(batch, m, link)
+        else:
+            agent.decode(batch, GenerationConfig(max_new_tokens=m))
+        return time.perf_counter() - start
+
+    eos, agent.eos_ids = agent.eos_ids, []  # decode the full count of tokens
+    try:
+        run(1 + steps)
+        return statistics.median((run(1 + steps) - run(1)) / steps for _ in range(n))
+    finally:
+        agent.eos_ids = eos
+
+
+def measure(spec: str, args: argparse.Namespace, gbps: float) -> list[dict]:
+    """Rows of one model: latent and decode steps at each batch size."""
+    agent = Agent.from_pretrained(spec, "agent", dtype=getattr(torch, args.dtype))
+    d, elem = agent.hidden_size, agent.dtype.itemsize
+    link = InnerLink(LinkConfig("agent", "inner", d, d, residual_proj=True, rescale_norm=1.0))
+    emb, head = agent.model.get_input_embeddings().weight, agent.model.get_output_embeddings().weight
+    layers = param_bytes(agent.backbone) - emb.numel() * elem  # transformer layers + final norm
+    rows = []
+    for b in args.batches:
+        batch = prompt(agent, b, args.prompt_tokens)
+        for kind in ("latent", "decode"):
+            runs = [rollout(agent, link, batch, args.steps, kind) for _ in range(args.rollouts + 1)]
+            samples = [s for run in runs[1:] for s in run]  # the first rollout is the warm-up
+            fixed = layers + (param_bytes(link) if kind == "latent" else (head.numel() + b * d) * elem)
+            kv = statistics.median(kv_bytes(agent, b, n) for _, n in samples)
+            measured = statistics.median(t for t, _ in samples)
+            row = {
+                "model": spec,
+                "step": kind,
+                "batch": b,
+                "ms": 1e3 * measured,
+                "bound_ms": 1e3 * (fixed + kv) / (gbps * 1e9),
+                "ratio": measured / ((fixed + kv) / (gbps * 1e9)),
+                "weight_bytes": fixed,
+                "kv_bytes": kv,
+                "cache_positions": [samples[0][1], samples[-1][1]],
+                "samples": len(samples),
+                "tied_embeddings": emb.data_ptr() == head.data_ptr(),
+            }
+            if b == 1:
+                row["library_ms"] = 1e3 * library_step(agent, link, batch, args.steps, kind, args.rollouts)
+            rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(BUNDLED))
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=16, help="timed one-position steps per rollout")
+    parser.add_argument("--rollouts", type=int, default=4, help="measured rollouts (one more for warm-up)")
+    parser.add_argument("--bandwidth-repeats", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="batch 1, 4 steps, 1 rollout: a smoke test")
+    args = parser.parse_args()
+    if args.quick:
+        args.batches, args.steps, args.rollouts, args.bandwidth_repeats = [1], 4, 1, 3
+    torch.set_grad_enabled(False)
+    bw = bandwidth(args.bandwidth_repeats)
+    rows = [row for spec in args.models for row in measure(spec, args, bw["copy_gbps"])]
+    for row in rows:
+        row["ratio_read_bw"] = row["ratio"] * bw["read_gbps"] / bw["copy_gbps"]
+    info = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), "")
+    result = {
+        "command": " ".join(["python benchmarks/roofline.py", *sys.argv[1:]]),
+        "settings": vars(args),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu,
+        "bandwidth": {**bw, "convention": "copy: (read + write bytes) / time, 1 GiB float32; read: sum"},
+        "rows": rows,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    name = "roofline" + ("" if args.dtype == "float32" else f"-{args.dtype}")
+    name += "-quick" if args.quick else ""
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"# Roofline, {args.dtype}, prompt {args.prompt_tokens} + {args.steps} steps, {cpu}")
+    print(
+        f"\nBandwidth (torch, {result['threads']} threads, 1 GiB float32): copy {bw['copy_gbps']:.1f} GB/s "
+        f"(read + write bytes; the bound uses this), sum {bw['read_gbps']:.1f} GB/s (read bytes)\n"
+    )
+    print("| model | step | batch | ms measured | ms bound | ratio |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['step']} | {r['batch']} | {r['ms']:.1f} | {r['bound_ms']:.1f} | "
+            f"x{r['ratio']:.2f} |"
+        )
+    lib = [f"{r['model']} {r['step']} {r['library_ms']:.1f} ms" for r in rows if "library_ms" in r]
+    if lib:
+        print(f"\nWhole Agent.think / Agent.decode per step at batch 1: {', '.join(lib)}")
+
+
+if __name__ == "__main__":
+    main()
