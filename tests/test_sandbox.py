@@ -36,6 +36,15 @@ def test_future_imports_work():
     assert run_python("from __future__ import annotations\nx: int = 1\nassert x == 1\n").passed
 
 
+def test_the_evaluators_packages_are_importable_and_read_only():
+    """numpy (a dependency of torch, so in the evaluator's environment) imports inside the sandbox."""
+    result = run_python("import numpy\nprint(numpy.arange(3).sum())\n")
+    assert result.passed and result.stdout == "3\n", result
+    if isolation() != "none":
+        write = "import numpy, os\nopen(os.path.join(os.path.dirname(numpy.__file__), 'x'), 'w')\n"
+        assert "Read-only file system" in run_python(write).detail
+
+
 def test_code_that_loops_forever_times_out():
     result = run_python("while True:\n    pass\n", timeout_s=2)
     assert not result.passed and "timed out" in result.detail
@@ -241,5 +250,6 @@ def test_weaker_isolation_still_runs_limits_and_checks_the_end(weaker_isolation)
     if weaker_isolation == "namespaces" and not isolation.__wrapped__().startswith("namespaces"):
         pytest.skip("this machine has no user namespaces")
     assert run_python("print(input())", stdin="x\n").stdout == "x\n"
+    assert run_python("import numpy\n").passed
     assert not run_python(FAKES["argv-and-cmdline"] + "assert False\n").passed
     assert "timed out" in run_python("while True: pass\n", timeout_s=1).detail

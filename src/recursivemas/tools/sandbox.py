@@ -38,6 +38,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import warnings
@@ -49,6 +50,7 @@ _FILE_LIMIT = 64 << 20
 _OUTPUT_LIMIT = 1 << 20
 _TMPFS_SIZE = "64m"
 _SANDBOX_PYTHON = "/tmp/.python"  # where the interpreter's prefix is bind-mounted inside the namespace
+_SANDBOX_SITE = "/tmp/.site-packages"  # and the virtual environment's packages (numpy, ...), if any
 _KILL_WAIT_S = 5.0
 _END_EVENT = "recursivemas.sandbox.end"
 _ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
@@ -105,6 +107,8 @@ def _main():
     def no_network(*args, **kwargs):
         raise OSError("network access is disabled in the recursivemas sandbox")
     socket.socket = socket.create_connection = socket.getaddrinfo = no_network
+    if os.path.isdir(@SITE@):  # the evaluator's virtual environment, read-only (namespaces only)
+        sys.path.append(@SITE@)
     sys.argv = ["program.py"]
     ended = False
     try:
@@ -123,11 +127,12 @@ def _main():
     os._exit(0 if ended else 1)
 
 _main()
-""".replace("@END@", repr(_END_EVENT))
+""".replace("@END@", repr(_END_EVENT)).replace("@SITE@", repr(_SANDBOX_SITE))
 
 # Runs as root (or the user) inside the new namespaces: fresh tmpfs folders, the interpreter's prefix
 # bind-mounted read-only where the sandboxed user can reach it, a private working folder; then execs
-# "$@" (setpriv ... python, or python). $1: the prefix to bind ("" for none); $2: the work folder's owner.
+# "$@" (setpriv ... python, or python). $1: the prefix to bind ("" for none); $2: the work folder's owner;
+# $3: the virtual environment's site-packages to bind ("" for none).
 _SETUP = f"""set -e
 for d in /tmp /var/tmp /dev/shm /run/lock; do
   if [ -d "$d" ]; then mount -t tmpfs -o size={_TMPFS_SIZE},mode=1777,nosuid,nodev tmpfs "$d"; fi
@@ -136,8 +141,10 @@ mkdir /tmp/work
 if [ -n "$1" ]; then mkdir {_SANDBOX_PYTHON}; mount --bind "$1" {_SANDBOX_PYTHON}; \
 mount -o remount,bind,ro {_SANDBOX_PYTHON}; fi
 if [ -n "$2" ]; then chown "$2:$2" /tmp/work; fi
+if [ -n "$3" ]; then mkdir {_SANDBOX_SITE}; mount --bind "$3" {_SANDBOX_SITE}; \
+mount -o remount,bind,ro {_SANDBOX_SITE}; fi
 cd /tmp/work
-shift 2
+shift 3
 exec "$@"
 """
 
@@ -248,11 +255,12 @@ def _command(level: str, args: list[int]) -> list[str]:
     prefix = Path(sys.base_prefix)
     python = Path(_SANDBOX_PYTHON) / Path(sys._base_executable).relative_to(prefix)  # type: ignore[attr-defined]
     unshare = [shutil.which("unshare"), *_UNSHARE, "sh", "-c", _SETUP, "sandbox-setup", str(prefix)]
+    site = sysconfig.get_path("purelib") if sys.prefix != sys.base_prefix else ""
     if level == "namespaces":
-        return [unshare[0], "--user", "--map-root-user", *unshare[1:], "", str(python), *wrapper]
+        return [unshare[0], "--user", "--map-root-user", *unshare[1:], "", site, str(python), *wrapper]
     drop = [shutil.which("setpriv"), f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
     drop += ["--no-new-privs", "--pdeathsig=KILL", "--"]
-    return [*unshare, str(NOBODY), *drop, str(python), *wrapper]
+    return [*unshare, str(NOBODY), site, *drop, str(python), *wrapper]
 
 
 def _unlinked_file(path: Path, data: bytes) -> int:
