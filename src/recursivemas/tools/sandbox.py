@@ -30,6 +30,7 @@ and exiting early, ``sys.exit(0)`` or ``os._exit(0)`` before a failing assert do
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import os
 import secrets
@@ -132,18 +133,22 @@ _main()
 # Runs as root (or the user) inside the new namespaces: fresh tmpfs folders, the interpreter's prefix
 # bind-mounted read-only where the sandboxed user can reach it, a private working folder; then execs
 # "$@" (setpriv ... python, or python). $1: the prefix to bind ("" for none); $2: the work folder's owner;
-# $3: the virtual environment's site-packages to bind ("" for none).
+# $3: the virtual environment's site-packages to bind ("" for none). Both are opened (fds 7, 8) before the
+# fresh /tmp hides them, in case they live under /tmp, and bound through /proc/self/fd.
 _SETUP = f"""set -e
+if [ -n "$1" ]; then exec 7<"$1"; fi
+if [ -n "$3" ]; then exec 8<"$3"; fi
 for d in /tmp /var/tmp /dev/shm /run/lock; do
   if [ -d "$d" ]; then mount -t tmpfs -o size={_TMPFS_SIZE},mode=1777,nosuid,nodev tmpfs "$d"; fi
 done
 mkdir /tmp/work
-if [ -n "$1" ]; then mkdir {_SANDBOX_PYTHON}; mount --bind "$1" {_SANDBOX_PYTHON}; \
+if [ -n "$1" ]; then mkdir {_SANDBOX_PYTHON}; mount --bind /proc/self/fd/7 {_SANDBOX_PYTHON}; \
 mount -o remount,bind,ro {_SANDBOX_PYTHON}; fi
-if [ -n "$2" ]; then chown "$2:$2" /tmp/work; fi
-if [ -n "$3" ]; then mkdir {_SANDBOX_SITE}; mount --bind "$3" {_SANDBOX_SITE}; \
+if [ -n "$3" ]; then mkdir {_SANDBOX_SITE}; mount --bind /proc/self/fd/8 {_SANDBOX_SITE}; \
 mount -o remount,bind,ro {_SANDBOX_SITE}; fi
+if [ -n "$2" ]; then chown "$2:$2" /tmp/work; fi
 cd /tmp/work
+exec 7<&- 8<&-
 shift 3
 exec "$@"
 """
@@ -183,7 +188,7 @@ def run_python(
         code_fd = _unlinked_file(Path(workdir, "program.in"), program.encode())
         token_fd = _unlinked_file(Path(workdir, "token.in"), token)
         proof_r, proof_w = os.pipe()
-        fds = [code_fd, token_fd, proof_w]
+        fds = [_above_setup(fd) for fd in (code_fd, token_fd, proof_w)]
         try:
             proc = subprocess.Popen(
                 _command(level, [*fds, *limits]),
@@ -261,6 +266,13 @@ def _command(level: str, args: list[int]) -> list[str]:
     drop = [shutil.which("setpriv"), f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
     drop += ["--no-new-privs", "--pdeathsig=KILL", "--"]
     return [*unshare, str(NOBODY), site, *drop, str(python), *wrapper]
+
+
+def _above_setup(fd: int) -> int:
+    """``fd`` moved to a number >= 10, clear of the descriptors the setup script opens (0-9)."""
+    high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(fd)
+    return high
 
 
 def _unlinked_file(path: Path, data: bytes) -> int:
