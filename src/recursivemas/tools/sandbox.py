@@ -341,10 +341,10 @@ def _feed(stdin, view: memoryview, sel: selectors.BaseSelector) -> memoryview:
     """Write what the pipe takes of ``view``; close stdin when done or when the program closed it."""
     try:
         view = view[os.write(stdin.fileno(), view[: 1 << 16]) :]
-    except (BrokenPipeError, BlockingIOError) as err:
-        if isinstance(err, BlockingIOError):
-            return view
-        view = view[len(view) :]
+    except BlockingIOError:  # the pipe is full: try again when it is writable
+        return view
+    except BrokenPipeError:  # the program closed its stdin: drop the rest
+        view = view[:0]
     if not view:
         sel.unregister(stdin)
         with contextlib.suppress(OSError):
