@@ -20,8 +20,9 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -94,6 +95,46 @@ class GenerationConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.seed < 2**62:
             raise ConfigError(f"seed must be in [0, 2**62), got {self.seed}")
+
+
+GenerationSettings = GenerationConfig | Sequence[GenerationConfig]
+"""One ``GenerationConfig`` for every row of a batch, or a sequence of them, one per row."""
+
+TokenCallback = Callable[[int, str], None]
+"""``on_token(row, text)``: called after each new token of batch row ``row`` with the row's text so far,
+exactly what the decode would return for that row if it stopped there (an EOS token calls nothing)."""
+
+
+def per_row(gen: GenerationSettings, rows: int, what: str = "rows") -> list[GenerationConfig]:
+    """``rows`` generation configs: ``gen`` repeated, or ``gen`` itself if it is a sequence of that length.
+
+    ``what`` names the rows in the error (``"rows"``, ``"inputs"``).
+    """
+    if isinstance(gen, GenerationConfig):
+        return [gen] * rows
+    gens = list(gen)
+    if not all(isinstance(g, GenerationConfig) for g in gens):
+        raise ConfigError("generation settings must be a GenerationConfig or a sequence of them, one per row")
+    if len(gens) != rows:
+        raise ConfigError(
+            f"got {len(gens)} generation configs for {rows} {what}: pass one GenerationConfig for all of "
+            f"them, or exactly one per {what.removesuffix('s')}"
+        )
+    return gens
+
+
+def row_seeds(
+    gen: GenerationSettings, rows: int, seeds: Sequence[int] | None = None, what: str = "rows"
+) -> list[int]:
+    """Each row's sampling seed: ``seeds`` if given; else ``gen.seed + i`` for one config, or each row's
+    own config's ``seed`` for one config per row (so a row samples as it would alone)."""
+    if seeds is not None:
+        if len(seeds) != rows:
+            raise ConfigError(f"got {len(seeds)} seeds for {rows} {what}")
+        return [int(s) for s in seeds]
+    if isinstance(gen, GenerationConfig):
+        return [gen.seed + i for i in range(rows)]
+    return [g.seed for g in per_row(gen, rows, what)]
 
 
 @dataclass
@@ -285,12 +326,14 @@ class Agent:
         """Replace every ``SlotRef`` in rendered segments by its value (text or latent vectors)."""
         return [values[s.name] if isinstance(s, SlotRef) else s for s in segments]
 
-    def check_fits(self, batch: PromptBatch, extra: int, what: str) -> None:
-        """Raise ``PromptTooLongError`` if the longest prompt plus ``extra`` positions exceed the context."""
-        longest = max(batch.lengths)
-        if longest + extra > self.max_context:
+    def check_fits(self, batch: PromptBatch, extra: int | Sequence[int], what: str) -> None:
+        """Raise ``PromptTooLongError`` if a prompt plus its ``extra`` positions (one number for every row,
+        or one per row) exceeds the context."""
+        extras = [extra] * len(batch.lengths) if isinstance(extra, int) else list(extra)
+        length, more = max(zip(batch.lengths, extras, strict=True), key=sum)
+        if length + more > self.max_context:
             raise PromptTooLongError(
-                f"agent {self.name!r}: prompt of {longest} positions plus {extra} {what} exceeds its "
+                f"agent {self.name!r}: prompt of {length} positions plus {more} {what} exceeds its "
                 f"context window of {self.max_context}; shorten the question or context, or lower "
                 f"--latent-steps / --max-new-tokens"
             )
@@ -363,23 +406,30 @@ class Agent:
     # --- text ------------------------------------------------------------------------------------
 
     def decode(
-        self, batch: PromptBatch, gen: GenerationConfig, seeds: Sequence[int] | None = None
+        self,
+        batch: PromptBatch,
+        gen: GenerationSettings,
+        seeds: Sequence[int] | None = None,
+        on_token: TokenCallback | None = None,
     ) -> Decoded:
         """Generate text from a spliced prompt batch with a KV cache.
 
-        Greedy when ``gen.temperature == 0``; otherwise temperature + top-p sampling, each row drawing
-        from its own generator seeded by ``seeds[i]`` (default ``gen.seed + i``), so a row's sample does
-        not depend on the batch it ran in. Rows stop at an EOS token (counted) or ``max_new_tokens``.
+        ``gen`` is one ``GenerationConfig`` for all B rows or a sequence of B, one per row. A row is greedy
+        when its ``temperature == 0``; otherwise it samples with its own temperature + top-p from its own
+        generator seeded by ``seeds[i]`` (default: ``row_seeds``), so a row's text does not depend on the
+        batch it ran in or on the other rows' settings. Each row stops at an EOS token (counted) or at its
+        own ``max_new_tokens``. ``on_token`` (see ``TokenCallback``) streams each row's text as it grows.
         """
         start = time.perf_counter()
-        self.check_fits(batch, gen.max_new_tokens, "new tokens")
         bsz = batch.embeds.shape[0]
-        seeds = list(seeds) if seeds is not None else [gen.seed + i for i in range(bsz)]
-        warpers = _warpers(gen)
-        generators = (
-            [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds] if warpers else []
-        )
+        gens = per_row(gen, bsz)
+        limits = [g.max_new_tokens for g in gens]
+        self.check_fits(batch, limits, "new tokens")
+        samplers = [
+            _sampler(g, s, self.device) for g, s in zip(gens, row_seeds(gen, bsz, seeds), strict=True)
+        ]
         eos = torch.tensor(self.eos_ids or [-1], device=self.device)
+        last_step = torch.tensor(limits, device=self.device)  # (B,) a row is done after this many tokens
         cache = new_cache(self.model)
         mask, pos = batch.mask, position_ids(batch.mask)
         out = self.model(
@@ -390,14 +440,17 @@ class Agent:
             **cache_kwargs(self.model, cache),
         )
         done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        so_far: list[list[int]] = [[] for _ in range(bsz)]  # each row's tokens before EOS, for on_token
         tokens: list[torch.Tensor] = []
-        for _ in range(gen.max_new_tokens):
+        for step in range(1, max(limits) + 1):
             logits = out.logits[:, -1].float()  # (B, V)
-            nxt = _choose(logits, warpers, generators)  # (B,)
+            nxt = _choose(logits, samplers)  # (B,)
             nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
             tokens.append(nxt)
-            done |= torch.isin(nxt, eos)
-            if bool(done.all()) or len(tokens) == gen.max_new_tokens:
+            if on_token is not None:
+                self._report(nxt, done, so_far, on_token)
+            done |= torch.isin(nxt, eos) | (last_step <= step)
+            if bool(done.all()):
                 break
             mask = torch.cat([mask, mask.new_ones(bsz, 1)], dim=1)
             pos = pos[:, -1:] + 1
@@ -408,47 +461,72 @@ class Agent:
                 logits_to_keep=1,
                 **cache_kwargs(self.model, cache),
             )
-        generated = torch.stack(tokens, 1).tolist()  # (B, N)
-        texts, counts = [], []
-        for row in generated:
-            n = next((i + 1 for i, t in enumerate(row) if t in self.eos_ids), len(row))
-            counts.append(n)
-            kept = row[: n - 1] if row[n - 1] in self.eos_ids else row[:n]  # EOS may not be a special token
-            texts.append(self.tokenizer.decode(kept, skip_special_tokens=True).strip())
-        return Decoded(texts, counts, time.perf_counter() - start)
+        generated = torch.stack(tokens, 1).tolist()  # (B, N), pad after a row is done
+        rows = [self._finish(row[:limit]) for row, limit in zip(generated, limits, strict=True)]
+        return Decoded([text for text, _ in rows], [n for _, n in rows], time.perf_counter() - start)
+
+    def _text(self, ids: Sequence[int]) -> str:
+        """Generated ids (EOS excluded) -> the text a decode returns."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+
+    def _finish(self, ids: list[int]) -> tuple[str, int]:
+        """One row's generated ids, up to its limit -> (its text, its token count with the EOS)."""
+        n = next((i + 1 for i, t in enumerate(ids) if t in self.eos_ids), len(ids))
+        kept = ids[: n - 1] if ids[n - 1] in self.eos_ids else ids[:n]  # EOS may not be a special token
+        return self._text(kept), n
+
+    def _report(
+        self, nxt: torch.Tensor, done: torch.Tensor, so_far: list[list[int]], on_token: TokenCallback
+    ) -> None:
+        """Append this step's (B,) tokens to the rows that were still going (``done`` before the step) and
+        call ``on_token`` with the text of each row that got a token other than EOS."""
+        for i, (token, finished) in enumerate(zip(nxt.tolist(), done.tolist(), strict=True)):
+            if not finished and token not in self.eos_ids:
+                so_far[i].append(token)
+                on_token(i, self._text(so_far[i]))
 
     def decode_with_tools(
         self,
         batch: PromptBatch,
-        gen: GenerationConfig,
+        gen: GenerationSettings,
         tools: ToolBox,
         seeds: Sequence[int] | None = None,
         prefix: str = "",
+        on_token: TokenCallback | None = None,
     ) -> tuple[Decoded, list[list[ToolCall]]]:
         """Generate text in which tool calls run (SPEC 5b, deliberation): row by row, decode until the
         text since the last result holds a complete call (``ToolBox.find_call``), run it, feed
         ``<result>...</result>`` into the same KV cache (the prompt is never re-encoded) and go on.
-        ``gen.max_new_tokens`` bounds the generated tokens of the whole decode, calls included;
-        ``prefix`` is text the prompt already ends with (e.g. an opening ``<python>`` tag): it counts as
-        decoded text for finding calls and starts each returned text. Returns the texts (calls and
-        results included) and each row's calls."""
+        ``gen`` is one ``GenerationConfig`` or one per row, as in ``decode``; a row's ``max_new_tokens``
+        bounds the generated tokens of its whole decode, calls included; ``prefix`` is text the prompt
+        already ends with (e.g. an opening ``<python>`` tag): it counts as decoded text for finding calls
+        and starts each returned text. ``on_token`` gets each row's text so far (calls and results
+        included) after each of its tokens. Returns the texts (calls and results included) and each
+        row's calls."""
         start = time.perf_counter()
-        self.check_fits(batch, gen.max_new_tokens, "new tokens")
-        seeds = list(seeds) if seeds is not None else [gen.seed + i for i in range(batch.embeds.shape[0])]
+        bsz = batch.embeds.shape[0]
+        gens = per_row(gen, bsz)
+        self.check_fits(batch, [g.max_new_tokens for g in gens], "new tokens")
         texts, counts, calls = [], [], []
-        for i, seed in enumerate(seeds):
+        for i, (row_gen, seed) in enumerate(zip(gens, row_seeds(gen, bsz, seeds), strict=True)):
             row = PromptBatch(batch.embeds[i : i + 1], batch.mask[i : i + 1], [], [])
-            text, count, row_calls = self._decode_row_with_tools(row, gen, tools, seed, prefix)
+            report = None if on_token is None else partial(on_token, i)
+            text, count, row_calls = self._decode_row_with_tools(row, row_gen, tools, seed, prefix, report)
             texts.append(text)
             counts.append(count)
             calls.append(row_calls)
         return Decoded(texts, counts, time.perf_counter() - start), calls
 
     def _decode_row_with_tools(
-        self, row: PromptBatch, gen: GenerationConfig, tools: ToolBox, seed: int, prefix: str
+        self,
+        row: PromptBatch,
+        gen: GenerationConfig,
+        tools: ToolBox,
+        seed: int,
+        prefix: str,
+        on_text: Callable[[str], None] | None,
     ) -> tuple[str, int, list[ToolCall]]:
-        warpers = _warpers(gen)
-        generators = [torch.Generator(device=self.device).manual_seed(int(seed))] if warpers else []
+        sampler = _sampler(gen, seed, self.device)
         stream = _CachedStream(self, row)
         done_text: list[str] = []  # transcript before the current segment (calls and results)
         segment: list[int] = []  # ids generated since the last result
@@ -460,7 +538,7 @@ class Agent:
             done_text += [prefix, ToolBox.result_text(calls[0])]
             stream.feed(self.tokenizer(done_text[-1], add_special_tokens=False)["input_ids"])
         while generated < gen.max_new_tokens:
-            token = int(_choose(stream.logits, warpers, generators))
+            token = int(_choose(stream.logits, [sampler]))
             generated += 1
             if token in self.eos_ids:
                 break
@@ -474,10 +552,15 @@ class Agent:
             if found is not None:
                 calls.append(tools.call(*found, calls_so_far=len(calls)))
                 done_text += [text, ToolBox.result_text(calls[-1])]
-                segment = []
+                segment, text = [], ""
                 feed += self.tokenizer(done_text[-1], add_special_tokens=False)["input_ids"]
-                if stream.width + len(feed) + gen.max_new_tokens - generated > self.max_context:
-                    break  # the result does not fit the context: stop with the transcript so far
+            if on_text is not None:
+                on_text(("".join(done_text) + text).strip())
+            if (
+                found is not None
+                and stream.width + len(feed) + gen.max_new_tokens - generated > self.max_context
+            ):
+                break  # the result does not fit the context: stop with the transcript so far
             if generated == gen.max_new_tokens:
                 break
             stream.feed(feed)
@@ -536,11 +619,32 @@ def _warpers(gen: GenerationConfig) -> list:
     return warpers
 
 
-def _choose(logits: torch.Tensor, warpers: list, generators: list[torch.Generator]) -> torch.Tensor:
-    """(B, V) logits -> (B,) next tokens: argmax without warpers, else one draw per row's generator."""
+@dataclass
+class _Sampler:
+    """One sampled row's rule: its warpers (temperature, top-p) and its own generator."""
+
+    warpers: list
+    generator: torch.Generator
+
+    def draw(self, logits: torch.Tensor) -> torch.Tensor:
+        """(1, V) logits -> (1,) a token drawn from the warped distribution."""
+        for warper in self.warpers:
+            logits = warper(None, logits)
+        return torch.multinomial(logits.softmax(-1), 1, generator=self.generator)[:, 0]
+
+
+def _sampler(gen: GenerationConfig, seed: int, device: torch.device) -> _Sampler | None:
+    """A row's sampler under ``gen`` seeded with ``seed``, or ``None`` for a greedy row."""
+    warpers = _warpers(gen)
     if not warpers:
-        return logits.argmax(-1)
-    for warper in warpers:
-        logits = warper(None, logits)
-    probs = logits.softmax(-1)
-    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators, strict=True)])
+        return None
+    return _Sampler(warpers, torch.Generator(device=device).manual_seed(int(seed)))
+
+
+def _choose(logits: torch.Tensor, samplers: Sequence[_Sampler | None]) -> torch.Tensor:
+    """(B, V) logits -> (B,) next tokens: argmax for greedy rows (``None``), one draw for each other row."""
+    nxt = logits.argmax(-1)
+    for i, sampler in enumerate(samplers):
+        if sampler is not None:
+            nxt[i : i + 1] = sampler.draw(logits[i : i + 1])
+    return nxt

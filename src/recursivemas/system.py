@@ -25,7 +25,17 @@ import torch
 from torch import nn
 
 from recursivemas import realign
-from recursivemas.agent import Agent, Decoded, GenerationConfig, Piece, PromptBatch
+from recursivemas.agent import (
+    Agent,
+    Decoded,
+    GenerationConfig,
+    GenerationSettings,
+    Piece,
+    PromptBatch,
+    TokenCallback,
+    per_row,
+    row_seeds,
+)
 from recursivemas.answers import extract_answer
 from recursivemas.errors import ConfigError, InputError
 from recursivemas.executor import Message, RoundLoop, Stage
@@ -304,7 +314,7 @@ class RecursiveMAS(nn.Module):
         self,
         inputs: Iterable[str | dict | MASInput],
         mode: Mode = "latent",
-        generation: GenerationConfig | None = None,
+        generation: GenerationSettings | None = None,
         rounds: int | None = None,
         latent_steps: int | None = None,
         batch_size: int = 8,
@@ -312,23 +322,27 @@ class RecursiveMAS(nn.Module):
         lens_top_k: int = 0,
         seeds: Sequence[int] | None = None,
         on_batch: Callable[[int], None] | None = None,
+        on_token: TokenCallback | None = None,
     ) -> list[RunResult]:
         """Answer every input; one ``RunResult`` per input, in order.
 
         ``latent_steps`` sets every agent's number of thoughts; by default each agent uses
-        ``config.steps(name)``. ``generation.max_new_tokens`` bounds every decode (text-mode
-        intermediate stages included).
-        Question ``i`` samples with seed ``seeds[i]`` if given, else ``generation.seed + i``, so results
-        do not depend on ``batch_size``. ``use_cache=False`` runs the re-encode reference rollout.
+        ``config.steps(name)``. ``generation`` is one ``GenerationConfig`` for every input or a sequence
+        of them, one per input (inputs with different settings share batches; each decodes under its own).
+        An input's ``max_new_tokens`` bounds each of its decodes (text-mode intermediate stages included).
+        Question ``i`` samples with seed ``seeds[i]`` if given, else ``generation.seed + i`` (one config)
+        or ``generation[i].seed`` (one per input), so results do not depend on ``batch_size`` or on the
+        other inputs. ``use_cache=False`` runs the re-encode reference rollout.
         ``lens_top_k > 0`` records, for every latent stage, the ``k`` nearest vocabulary tokens of each
         latent thought under the sender's and each receiver's embedding table (``StageTrace.lens``).
-        ``on_batch(n)`` is called after each batch of ``n`` inputs (progress).
+        ``on_batch(n)`` is called after each batch of ``n`` inputs (progress). ``on_token(i, text)`` is
+        called after each token of the answering agent's final decode of input ``i`` with its answer so
+        far: what ``RunResult.text`` would be if the decode stopped there (tool calls included).
         """
         if mode not in MODES:
             raise ConfigError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         settings = _Settings(
             mode=mode,
-            generation=generation or GenerationConfig(),
             rounds=self.config.rounds if rounds is None else rounds,
             latent_steps=latent_steps,
             use_cache=use_cache,
@@ -338,18 +352,17 @@ class RecursiveMAS(nn.Module):
         if latent_steps is not None:
             check_positive(latent_steps=latent_steps)
         items = [MASInput.parse(x, f"input {i + 1}") for i, x in enumerate(inputs)]
-        seeds = (
-            list(seeds) if seeds is not None else [settings.generation.seed + i for i in range(len(items))]
-        )
-        if len(seeds) != len(items):
-            raise ConfigError(f"got {len(seeds)} seeds for {len(items)} inputs")
+        generation = GenerationConfig() if generation is None else generation
+        gens = per_row(generation, len(items), "inputs")
+        seeds = row_seeds(generation, len(items), seeds, "inputs")
         for i, item in enumerate(items):
             self.check_context(item, f"input {i + 1}")
         results: list[RunResult] = []
         with torch.inference_mode():
             for start in range(0, len(items), batch_size):
-                batch = items[start : start + batch_size]
-                results.extend(_BatchRun(self, batch, seeds[start : start + batch_size], settings).run())
+                rows = slice(start, start + batch_size)
+                batch, stream = items[rows], None if on_token is None else _shifted(on_token, start)
+                results.extend(_BatchRun(self, batch, seeds[rows], gens[rows], settings, stream).run())
                 if on_batch is not None:
                     on_batch(len(batch))
         return results
@@ -368,10 +381,14 @@ class RecursiveMAS(nn.Module):
                 raise InputError(f"{where}: agent {name!r}'s template has no {{context}} field")
 
 
+def _shifted(on_token: TokenCallback, offset: int) -> TokenCallback:
+    """``on_token`` for a batch whose row 0 is input ``offset``."""
+    return lambda row, text: on_token(offset + row, text)
+
+
 @dataclass(frozen=True)
 class _Settings:
     mode: str
-    generation: GenerationConfig
     rounds: int
     latent_steps: int | None
     use_cache: bool
@@ -379,12 +396,22 @@ class _Settings:
 
 
 class _BatchRun:
-    """One batch through the graph for all rounds (``executor.RoundLoop``); builds traces as it goes."""
+    """One batch through the graph for all rounds (``executor.RoundLoop``); builds traces as it goes.
+
+    Each row has its own seed and decoding settings; ``on_token`` streams the final decode (batch rows).
+    """
 
     def __init__(
-        self, system: RecursiveMAS, items: list[MASInput], seeds: list[int], settings: _Settings
+        self,
+        system: RecursiveMAS,
+        items: list[MASInput],
+        seeds: list[int],
+        generation: list[GenerationConfig],
+        settings: _Settings,
+        on_token: TokenCallback | None = None,
     ) -> None:
         self.system, self.items, self.seeds, self.settings = system, items, seeds, settings
+        self.generation, self.on_token = generation, on_token
         self.traces: list[list[StageTrace]] = [[] for _ in items]
 
     def run(self) -> list[RunResult]:
@@ -406,7 +433,7 @@ class _BatchRun:
         self, stage: Stage, agent: Agent, batch: PromptBatch, rows: list[list[Piece]]
     ) -> tuple[Message, Decoded]:
         start = time.perf_counter()
-        decoded = self._decode(stage, agent, batch)
+        decoded = self._decode(stage, agent, batch, self.on_token if stage.final else None)
         self._record(stage, "text", batch, 0, decoded.num_tokens, start, texts=decoded.texts)
         return Message(texts=decoded.texts), decoded
 
@@ -425,18 +452,23 @@ class _BatchRun:
         self._record(stage, "latent", batch, m, decoded, start, lens)
         return Message(latent=thoughts.embeds)
 
-    def _decode(self, stage: Stage, agent: Agent, batch: PromptBatch) -> Decoded:
-        """Decode ``batch``; an agent with tools runs its calls inside the decode (recorded as ``tool``
-        stages). Texts start with the template's ``response_prefix``, which ends the prompt."""
+    def _decode(
+        self, stage: Stage, agent: Agent, batch: PromptBatch, on_token: TokenCallback | None = None
+    ) -> Decoded:
+        """Decode ``batch``, each row under its own settings; an agent with tools runs its calls inside the
+        decode (recorded as ``tool`` stages). Texts start with the template's ``response_prefix``, which
+        ends the prompt; ``on_token`` gets each row's text so far in that same form."""
         seeds = [stage_seed(s, stage.name, stage.round) for s in self.seeds]
         prefix = agent.template.response_prefix if agent.template is not None else ""
         tools = self.system.tools.get(stage.name)
         if tools is None:
-            decoded = agent.decode(batch, self.settings.generation, seeds)
+            if on_token is not None and prefix:
+                on_token = _prefixed(on_token, prefix)
+            decoded = agent.decode(batch, self.generation, seeds, on_token)
             if prefix:
                 decoded.texts = [_after(prefix, t) for t in decoded.texts]
             return decoded
-        decoded, calls = agent.decode_with_tools(batch, self.settings.generation, tools, seeds, prefix)
+        decoded, calls = agent.decode_with_tools(batch, self.generation, tools, seeds, prefix, on_token)
         for trace, row_calls in zip(self.traces, calls, strict=True):
             trace.extend(_tool_stage(stage, call) for call in row_calls)
         return decoded
@@ -489,6 +521,11 @@ class _BatchRun:
 def _after(prefix: str, text: str) -> str:
     """``text`` decoded after ``prefix`` (decoding strips the space a first token may start with)."""
     return (prefix + ("" if not text or prefix[-1:].isspace() else " ") + text).strip()
+
+
+def _prefixed(on_token: TokenCallback, prefix: str) -> TokenCallback:
+    """``on_token`` for texts decoded after ``prefix``: it gets them as ``_after(prefix, text)``."""
+    return lambda row, text: on_token(row, _after(prefix, text))
 
 
 def _tool_stage(stage: Stage, call: ToolCall) -> StageTrace:
