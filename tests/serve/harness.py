@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -17,6 +17,7 @@ from recursivemas import RecursiveMAS
 from recursivemas.serve.app import create_app
 from recursivemas.serve.config import ServeConfig
 from recursivemas.serve.metrics import parse_metric
+from recursivemas.serve.responses import TextStream
 
 KEY = "test-key-0123456789"
 MODEL = "tiny-random"
@@ -79,6 +80,50 @@ class GatedSystem:
         self.entered.set()
         self.gate.wait(30)
         return self._system.run(*args, **kwargs)
+
+
+class PausingSystem:
+    """A system whose final decode, at the first token that gives its answer text a client can be sent,
+    waits (up to 10 s) for ``received`` before it decodes on. ``received_in_time`` says whether
+    ``received`` came during that wait; ``tokens_after`` counts the tokens decoded after it."""
+
+    def __init__(self, system: RecursiveMAS) -> None:
+        self._system = system
+        self.received = threading.Event()
+        self.received_in_time: bool | None = None
+        self.tokens_after = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._system, name)
+
+    def run(
+        self, *args: object, on_token: Callable[[int, str], None] | None = None, **kwargs: object
+    ) -> list:
+        def pausing(row: int, text: str) -> None:
+            on_token(row, text)
+            if self.received_in_time is not None:
+                self.tokens_after += 1
+            elif TextStream().update(text):
+                self.received_in_time = self.received.wait(10)
+
+        return self._system.run(*args, on_token=None if on_token is None else pausing, **kwargs)
+
+
+class FailingSystem:
+    """A system whose runs report ``text`` as the answer so far (unless empty), then fail."""
+
+    def __init__(self, system: RecursiveMAS, text: str) -> None:
+        self._system, self.text = system, text
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._system, name)
+
+    def run(
+        self, *args: object, on_token: Callable[[int, str], None] | None = None, **kwargs: object
+    ) -> list:
+        if on_token is not None and self.text:
+            on_token(0, self.text)
+        raise RuntimeError("the model fell over")
 
 
 @contextmanager

@@ -26,7 +26,7 @@ from recursivemas.serve import serve_command  # noqa: E402
 from recursivemas.serve.app import create_app  # noqa: E402
 from recursivemas.serve.batcher import Job, RunKey, run_jobs  # noqa: E402
 from recursivemas.serve.config import ServeConfig  # noqa: E402
-from recursivemas.serve.responses import PIECE  # noqa: E402
+from recursivemas.serve.responses import TextStream  # noqa: E402
 from recursivemas.system import MASInput  # noqa: E402
 from tests.conftest import QUESTIONS  # noqa: E402
 from tests.serve.harness import (  # noqa: E402
@@ -35,11 +35,15 @@ from tests.serve.harness import (  # noqa: E402
     MAX_TOKENS,
     MODEL,
     SMALL,
+    FailingSystem,
     GatedSystem,
+    PausingSystem,
     ThreadServer,
     metric,
     serving,
 )
+
+GREEDY = GenerationConfig(MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +54,17 @@ def serve_system() -> RecursiveMAS:
 
 @pytest.fixture(scope="module")
 def reference() -> Callable[..., object]:
-    """The engine's own answer to one question alone: ``reference(question, mode=..., **settings)``."""
+    """The engine's own answer to one question alone: ``reference(question, mode=..., **settings)``
+    (greedy, ``MAX_TOKENS`` unless ``generation`` says otherwise)."""
     system = build_preset("tiny-random")
 
-    def run(question: str, mode: str = "latent", max_tokens: int = MAX_TOKENS, **settings: int) -> object:
-        [result] = system.run([question], mode=mode, generation=GenerationConfig(max_tokens), **settings)
+    def run(
+        question: str,
+        mode: str = "latent",
+        generation: GenerationConfig = GREEDY,
+        **settings: int,
+    ) -> object:
+        [result] = system.run([question], mode=mode, generation=generation, **settings)
         return result
 
     return run
@@ -128,8 +138,10 @@ def test_completions_equal_the_engine(client: openai.OpenAI, reference: Callable
     settings = {"model": MODEL, "prompt": QUESTIONS[2], "max_tokens": MAX_TOKENS, "temperature": 0}
     plain = client.completions.create(**settings, extra_body={"recursivemas": SMALL})
     assert plain.choices[0].text == expected.text
-    streamed = client.completions.create(**settings, stream=True, extra_body={"recursivemas": SMALL})
+    streamed = list(client.completions.create(**settings, stream=True, extra_body={"recursivemas": SMALL}))
     assert "".join(c.choices[0].text for c in streamed) == expected.text
+    assert sum(bool(c.choices[0].text) for c in streamed) > 1  # token by token, not one piece
+    assert streamed[-1].choices[0].finish_reason == plain.choices[0].finish_reason
 
 
 def test_trace_and_system_message(client: openai.OpenAI, reference: Callable) -> None:
@@ -162,12 +174,89 @@ def test_sixteen_concurrent_requests_batch_and_match_alone(
     assert batches < len(questions)
 
 
+def test_mixed_sampling_settings_share_a_batch_and_match_alone(
+    serve_system: RecursiveMAS, reference: Callable
+) -> None:
+    """A greedy request and a sampled, longer, streamed one run as one batch; each gets its answer alone."""
+    settings = [
+        GenerationConfig(max_new_tokens=5, seed=1),
+        GenerationConfig(max_new_tokens=16, temperature=0.9, top_p=0.8, seed=7),
+    ]
+    expected = [reference(QUESTIONS[i], generation=g, **SMALL) for i, g in enumerate(settings)]
+
+    def send(client: openai.OpenAI, i: int) -> tuple[str, dict]:
+        gen = settings[i]
+        request = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": QUESTIONS[i]}],
+            "max_tokens": gen.max_new_tokens,
+            "temperature": gen.temperature,
+            "top_p": gen.top_p,
+            "seed": gen.seed,
+            "extra_body": {"recursivemas": SMALL},
+        }
+        if i == 0:
+            response = client.chat.completions.create(**request)
+            return response.choices[0].message.content, response.model_extra["recursivemas"]
+        chunks = list(client.chat.completions.create(**request, stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        return text, chunks[-1].model_extra["recursivemas"]
+
+    with serving(serve_system, max_batch_size=2, max_wait_ms=5000) as server, ThreadPoolExecutor(2) as pool:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=30)
+        answers = list(pool.map(lambda i: send(client, i), range(2)))
+        assert metric(server, "recursivemas_batches_total") == 1
+    for (text, extra), result in zip(answers, expected, strict=True):
+        assert text == result.text
+        assert extra["usage"] == result.usage
+        assert extra["timings"]["batch_size"] == 2
+    assert expected[0].usage["decoded_tokens"] <= 5 < expected[1].usage["decoded_tokens"]
+
+
+def test_streamed_text_arrives_while_the_decode_runs(serve_system: RecursiveMAS, reference: Callable) -> None:
+    generation = GenerationConfig(max_new_tokens=24)
+    expected = reference(QUESTIONS[4], generation=generation, **SMALL)
+    pausing = PausingSystem(serve_system)
+    with serving(pausing) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=30)
+        stream = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": QUESTIONS[4]}],
+            max_tokens=generation.max_new_tokens,
+            stream=True,
+            extra_body={"recursivemas": SMALL},
+        )
+        pieces = []
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                pieces.append(chunk.choices[0].delta.content)
+                pausing.received.set()
+    assert pausing.received_in_time is True  # the first piece reached the client mid-decode
+    assert pausing.tokens_after > 0 and len(pieces) > 1
+    assert "".join(pieces) == expected.text
+
+
+@pytest.mark.parametrize("reported", ["", "an answer so far"])
+def test_a_run_that_fails_while_streaming(serve_system: RecursiveMAS, reported: str) -> None:
+    """Before any text: an HTTP error. After some: the stream ends with an OpenAI error chunk."""
+    with serving(FailingSystem(serve_system, reported)) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=30)
+        pieces = []
+        with pytest.raises(openai.APIError, match="the run failed inside the server") as failure:
+            for chunk in ask(client, QUESTIONS[0], stream=True):
+                pieces.append(chunk.choices[0].delta.content or "")
+        assert "".join(pieces) == reported
+        assert isinstance(failure.value, openai.InternalServerError) == (not reported)
+        assert post(server, good_chat()).status_code == 500  # every run fails, the server still answers
+
+
 def test_a_bad_row_fails_alone(serve_system: RecursiveMAS) -> None:
-    key = RunKey("latent", 1, 2, MAX_TOKENS, 0.0, 1.0, 0)
+    key = RunKey("latent", 1, 2, 0)
     rows = [MASInput(QUESTIONS[0]), MASInput("word " * 1200), MASInput(QUESTIONS[1])]
+    gen = GenerationConfig(MAX_TOKENS)
     loop = asyncio.new_event_loop()
     try:
-        outcomes = run_jobs(serve_system, [Job(key, row, 0, loop, loop.create_future()) for row in rows])
+        outcomes = run_jobs(serve_system, [Job(key, row, gen, loop, loop.create_future()) for row in rows])
     finally:
         loop.close()
     assert isinstance(outcomes[1], PromptTooLongError)
@@ -324,9 +413,25 @@ def test_a_failed_load_is_reported_and_fatal() -> None:
         server.stop()
 
 
-def test_stream_pieces_rebuild_the_text() -> None:
-    for text in ["", "one", " two  words\n", "a\tb \n\nc  "]:
-        assert "".join(PIECE.findall(text)) == text
+def test_text_stream_never_sends_what_may_change() -> None:
+    """Trailing whitespace and U+FFFD (a partial character) wait for the next text; with whole words, the
+    last word waits too, so a clean-up of spaces before punctuation never rewrites sent text."""
+    stream = TextStream()
+    texts = [
+        "",
+        "Hi",
+        "Hi \ufffd",
+        "Hi \u00e9",
+        "Hi \u00e9\ufffd\ufffd",
+        "Hi \u00e9\ufffdx",
+        "Hi \u00e9\ufffdx  ",
+    ]
+    assert [stream.update(t) for t in texts] == ["", "Hi", "", " \u00e9", "", "\ufffdx", ""]
+    assert stream.finish("Hi \u00e9\ufffdx") == "" and stream.sent == "Hi \u00e9\ufffdx"
+    words = TextStream(whole_words=True)
+    texts = ["do", "do n", "do n'", "don't", "don't stop", "don't stop ."]
+    assert [words.update(t) for t in texts] == ["", "do", "", "", "n't", " stop"]
+    assert words.finish("don't stop.") == "."
 
 
 def free_port() -> int:

@@ -3,7 +3,8 @@
 Routes: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /health``,
 ``GET /metrics`` and ``GET /`` (a page to ask questions and see the run's trace). Requests are checked
 on the event loop (cheap), queued to the model worker (``batcher.Batcher``) and answered when their batch
-finishes. Every error is an OpenAI error object; nothing a client sends reaches the worker unchecked.
+finishes; a streaming request gets its answer token by token as the final decode runs. Every error is an
+OpenAI error object; nothing a client sends reaches the worker unchecked.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class Service:
     batcher: Batcher | None = None
     tokenizers: list[Any] = field(default_factory=list)
     context_limit: int = 0
+    whole_words: bool = False
     closing: bool = False
 
     def attach(self, system: RecursiveMAS) -> RecursiveMAS:
@@ -69,6 +71,8 @@ class Service:
         distinct = {id(a.tokenizer): a.tokenizer for a in system.agents.values()}
         self.tokenizers = [copy.deepcopy(tok) for tok in distinct.values()]
         self.context_limit = min(a.max_context for a in system.agents.values())
+        answerer = system.agents[system.config.answerer].tokenizer
+        self.whole_words = bool(getattr(answerer, "clean_up_tokenization_spaces", False))  # TextStream
         return system
 
     @property
@@ -121,8 +125,9 @@ def question_from(messages: list[ChatMessage]) -> str:
 
 def prepare(
     service: Service, system: RecursiveMAS, req: SamplingRequest, question: str
-) -> tuple[RunKey, MASInput, int]:
-    """Check a request against the server's limits and the system; its run key, input and seed."""
+) -> tuple[RunKey, MASInput, GenerationConfig]:
+    """Check a request against the server's limits and the system; its run key, input and decoding
+    settings (seed included)."""
     cfg, opts = service.config, req.recursivemas
     if req.model != cfg.model_name:
         raise APIError(
@@ -165,16 +170,7 @@ def prepare(
             "invalid_value",
             "recursivemas.context",
         )
-    key = RunKey(
-        opts.mode,
-        opts.rounds,
-        opts.latent_steps,
-        gen.max_new_tokens,
-        gen.temperature,
-        gen.top_p if gen.temperature else 1.0,  # greedy ignores top_p: do not split batches on it
-        LENS_TOP_K if opts.trace else 0,
-    )
-    return key, item, seed
+    return RunKey(opts.mode, opts.rounds, opts.latent_steps, LENS_TOP_K if opts.trace else 0), item, gen
 
 
 def count_input_tokens(tokenizers: list[Any], item: MASInput) -> int:
@@ -214,6 +210,22 @@ async def wait_for(job: Job, request: Request, batcher: Batcher) -> RunResult:
     return job.future.result()
 
 
+async def first_update(job: Job, request: Request, batcher: Batcher) -> str | None:
+    """A streaming job's first answer so far, or ``None`` if its outcome came first; a client that
+    disconnects before has its job withdrawn from the queue."""
+    try:
+        while True:
+            try:
+                return await asyncio.wait_for(job.updates.get(), DISCONNECT_POLL_S)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    raise ClientGoneError() from None
+    except (ClientGoneError, asyncio.CancelledError):
+        job.future.cancel()
+        batcher.withdraw(job)
+        raise
+
+
 def engine_error(err: BaseException) -> APIError:
     """The client-facing error of a failed run; faults are logged with their traceback, never returned."""
     if isinstance(err, PromptTooLongError):
@@ -231,7 +243,7 @@ async def answer(
 ) -> Response:
     """Queue one request, wait for its batch, and answer it (JSON or an SSE stream)."""
     system = service.system()
-    key, item, seed = prepare(service, system, req, question)
+    key, item, gen = prepare(service, system, req, question)
     used = await asyncio.to_thread(count_input_tokens, service.tokenizers, item)
     if used > service.input_limit:
         raise APIError(
@@ -241,7 +253,7 @@ async def answer(
             "messages" if chat else "prompt",
         )
     loop = asyncio.get_running_loop()
-    job = Job(key, item, seed, loop, loop.create_future())
+    job = Job(key, item, gen, loop, loop.create_future(), asyncio.Queue() if req.stream else None)
     try:
         service.batcher.submit(job)
     except QueueFullError as full:
@@ -254,6 +266,9 @@ async def answer(
         ) from None
     except ClosedError:
         raise APIError(503, "the server is shutting down", "shutting_down", kind="server_error") from None
+    reply = responses.Reply.new(chat, service.config.model_name, gen.max_new_tokens, req.recursivemas.trace)
+    if req.stream:
+        return await stream(service, request, job, reply, req.include_usage(), question)
     try:
         result = await wait_for(job, request, service.batcher)
     except ClientGoneError:
@@ -261,19 +276,58 @@ async def answer(
         return Response(status_code=499)
     except Exception as err:
         raise engine_error(err) from None
-    reply = responses.Reply.new(chat, service.config.model_name, key.max_new_tokens, req.recursivemas.trace)
     _log(service, reply, result, question)
-    if req.stream:
-        return StreamingResponse(
-            _stream(result, reply, req.include_usage()),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
     return JSONResponse(responses.body(result, reply))
 
 
-async def _stream(result: RunResult, reply: responses.Reply, include_usage: bool) -> AsyncIterator[str]:
-    for chunk in responses.chunks(result, reply, include_usage):
+async def stream(
+    service: Service, request: Request, job: Job, reply: responses.Reply, include_usage: bool, question: str
+) -> Response:
+    """Answer a streaming request once its final decode has produced text (or its run has ended): a run
+    that fails before is an HTTP error, one that fails later ends the stream with an error chunk."""
+    try:
+        first = await first_update(job, request, service.batcher)
+    except ClientGoneError:
+        service.count_error("client_closed")
+        return Response(status_code=499)
+    if first is None and job.future.exception() is not None:
+        raise engine_error(job.future.exception())
+    return StreamingResponse(
+        _events(service, job, first, reply, include_usage, question),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _events(
+    service: Service,
+    job: Job,
+    update: str | None,
+    reply: responses.Reply,
+    include_usage: bool,
+    question: str,
+) -> AsyncIterator[str]:
+    """The SSE chunks of a streaming job whose first update is ``update``: a content delta each time its
+    answer grows, then the rest of the final text and the closing chunks."""
+    text = responses.TextStream(service.whole_words)
+    for chunk in responses.opening(reply):
+        yield chunk
+    while update is not None:
+        if piece := text.update(update):
+            yield responses.delta(reply, piece)
+        update = await job.updates.get()
+    try:
+        result = job.future.result()
+    except Exception as err:
+        error = engine_error(err)
+        service.count_error(error.code)
+        for chunk in responses.failure(error.body()):
+            yield chunk
+        return
+    _log(service, reply, result, question)
+    if piece := text.finish(result.text):
+        yield responses.delta(reply, piece)
+    for chunk in responses.closing(result, reply, include_usage):
         yield chunk
 
 

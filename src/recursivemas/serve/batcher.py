@@ -1,10 +1,11 @@
 """Dynamic batching: one worker thread owns the model and runs queued requests in batches.
 
 Requests that arrive within ``max_wait_ms`` of the oldest waiting one and share its ``RunKey`` (mode,
-rounds, latent steps and decoding settings: ``RecursiveMAS.run`` takes one of each per call) run as one
-``RecursiveMAS.run`` call of up to ``max_batch_size`` rows, each row with its own sampling seed. The
-engine is batch-invariant, so a row's answer does not depend on what it ran with. A batch that fails is
-re-run row by row, so a bad row fails alone. Results reach the event loop through
+rounds, latent steps, lens: ``RecursiveMAS.run`` takes one of each per call) run as one
+``RecursiveMAS.run`` call of up to ``max_batch_size`` rows, each row with its own decoding settings
+(max tokens, temperature, top-p) and sampling seed. The engine is batch-invariant, so a row's answer
+does not depend on what it ran with. A batch that fails is re-run row by row, so a bad row fails alone.
+Results, and a streaming request's answer so far after each token, reach the event loop through
 ``loop.call_soon_threadsafe``: the loop never waits on the model.
 """
 
@@ -17,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from recursivemas.agent import GenerationConfig
 from recursivemas.serve.metrics import Metrics
@@ -29,20 +31,17 @@ Outcome = RunResult | BaseException
 
 @dataclass(frozen=True)
 class RunKey:
-    """The settings ``RecursiveMAS.run`` takes once per call: requests batch together only if equal."""
+    """The settings ``RecursiveMAS.run`` takes once per call: requests batch together only if equal
+    (decoding settings are per row and do not split batches)."""
 
     mode: str
     rounds: int | None
     latent_steps: int | None
-    max_new_tokens: int
-    temperature: float
-    top_p: float
     lens_top_k: int
 
     def run_kwargs(self) -> dict:
         return {
             "mode": self.mode,
-            "generation": GenerationConfig(self.max_new_tokens, self.temperature, self.top_p),
             "rounds": self.rounds,
             "latent_steps": self.latent_steps,
             "lens_top_k": self.lens_top_k,
@@ -51,21 +50,34 @@ class RunKey:
 
 @dataclass(eq=False)
 class Job:
-    """One request waiting for (or in) a batch; ``future`` lives on the event loop ``loop``."""
+    """One request waiting for (or in) a batch, decoded under ``generation`` (its seed included);
+    ``future`` and ``updates`` live on the event loop ``loop``.
+
+    A streaming request has ``updates``: its answer so far after each token of the final decode, then
+    ``None`` once ``future`` holds the outcome.
+    """
 
     key: RunKey
     item: MASInput
-    seed: int
+    generation: GenerationConfig
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
+    updates: asyncio.Queue[str | None] | None = None
     enqueued: float = field(default_factory=time.perf_counter)
+
+    def progress(self, text: str) -> None:
+        """Hand the answer so far to a streaming request (from any thread)."""
+        if self.updates is not None:
+            self.loop.call_soon_threadsafe(self.updates.put_nowait, text)
 
     def settle(self, outcome: Outcome) -> None:
         """Hand ``outcome`` to the waiting request (from any thread); ignored if it gave up."""
-        self.loop.call_soon_threadsafe(_settle, self.future, outcome)
+        self.loop.call_soon_threadsafe(_settle, self.future, outcome, self.updates)
 
 
-def _settle(future: asyncio.Future, outcome: Outcome) -> None:
+def _settle(future: asyncio.Future, outcome: Outcome, updates: asyncio.Queue[str | None] | None) -> None:
+    if updates is not None:
+        updates.put_nowait(None)
     if future.done():
         return
     if isinstance(outcome, BaseException):
@@ -87,13 +99,17 @@ class ClosedError(Exception):
 
 
 def run_jobs(system: RecursiveMAS, jobs: list[Job]) -> list[Outcome]:
-    """One ``RecursiveMAS.run`` over ``jobs`` (all of one key); if it fails, each job runs alone."""
+    """One ``RecursiveMAS.run`` over ``jobs`` (all of one key, each with its own decoding settings); if it
+    fails, each job runs alone. Streaming jobs get their answer so far after each token."""
+    streaming = any(job.updates is not None for job in jobs)
     try:
         return list(
             system.run(
                 [job.item for job in jobs],
-                seeds=[job.seed for job in jobs],
+                generation=[job.generation for job in jobs],
+                seeds=[job.generation.seed for job in jobs],
                 batch_size=len(jobs),
+                on_token=partial(_progress, jobs) if streaming else None,
                 **jobs[0].key.run_kwargs(),
             )
         )
@@ -101,6 +117,11 @@ def run_jobs(system: RecursiveMAS, jobs: list[Job]) -> list[Outcome]:
         if len(jobs) == 1:
             return [err]
         return [run_jobs(system, [job])[0] for job in jobs]
+
+
+def _progress(jobs: list[Job], row: int, text: str) -> None:
+    """``RecursiveMAS.run``'s ``on_token`` for a batch of ``jobs``: row ``row`` is ``jobs[row]``."""
+    jobs[row].progress(text)
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,15 @@
 """OpenAI response bodies and Server-Sent-Event chunks built from a ``RunResult``.
 
-Streaming note: ``RecursiveMAS.run`` has no per-token hook, so a streamed answer is sent once the run
-has finished: the role chunk, then the answering agent's final text as word-sized content deltas, then
-``finish_reason``, an optional usage chunk and ``data: [DONE]``. The chunk format is OpenAI's, so any
-streaming client works; only the time to first token equals the whole run's.
+A streamed answer is sent as the answering agent's final decode runs: the role chunk (chat), content
+deltas as tokens are decoded (``TextStream`` turns the answer so far into deltas that never have to be
+taken back), then the rest of the final text, ``finish_reason`` with our ``recursivemas`` field, an
+optional usage chunk and ``data: [DONE]``. The chunk format is OpenAI's, so any streaming client works.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 import uuid
@@ -17,7 +18,10 @@ from dataclasses import asdict, dataclass
 
 from recursivemas.trace import RunResult
 
-PIECE = re.compile(r"\s*\S+|\s+")
+LOG = logging.getLogger("recursivemas.serve")
+UNSETTLED_END = re.compile(r"[\s\ufffd]+\Z")  # trailing whitespace and U+FFFD (a partial character)
+LAST_WORD = re.compile(r"\S+\Z")
+DONE = "data: [DONE]\n\n"
 
 
 @dataclass(frozen=True)
@@ -89,16 +93,61 @@ def body(result: RunResult, reply: Reply) -> dict:
     }
 
 
-def chunks(result: RunResult, reply: Reply, include_usage: bool) -> Iterator[str]:
-    """The streamed response as SSE ``data:`` lines (see the module docstring)."""
-    if reply.chat:
-        yield _chunk(reply, {"role": "assistant", "content": ""}, None)
-    for piece in PIECE.findall(result.text):
-        yield _chunk(reply, {"content": piece}, None)
+class TextStream:
+    """One streamed answer: turns its successive texts so far into deltas that never need taking back.
+
+    The end of a text is held back while the next tokens may still change it: trailing U+FFFD (the
+    bytes of a character not all decoded yet) and trailing whitespace (answers are stripped); with
+    ``whole_words`` (for a tokenizer that cleans up spaces before punctuation, which rewrites the text
+    before a new token) the last word too. ``sent`` is everything sent so far.
+    """
+
+    def __init__(self, whole_words: bool = False) -> None:
+        self.whole_words = whole_words
+        self.sent = ""
+
+    def update(self, text: str) -> str:
+        """The new settled part of ``text`` (the answer so far), ``""`` if none."""
+        settled = UNSETTLED_END.sub("", text)
+        if self.whole_words:
+            settled = UNSETTLED_END.sub("", LAST_WORD.sub("", settled))
+        return self._advance(settled)
+
+    def finish(self, text: str) -> str:
+        """The rest of the final ``text``."""
+        if not text.startswith(self.sent):
+            LOG.warning("a streamed answer changed after it was sent; the stream differs from the answer")
+        return self._advance(text)
+
+    def _advance(self, text: str) -> str:
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent) :], text
+        return delta
+
+
+def opening(reply: Reply) -> list[str]:
+    """The chunks that open a stream: the assistant role for a chat completion, none for a completion."""
+    return [_chunk(reply, {"role": "assistant", "content": ""}, None)] if reply.chat else []
+
+
+def delta(reply: Reply, text: str) -> str:
+    """One content chunk."""
+    return _chunk(reply, {"content": text}, None)
+
+
+def closing(result: RunResult, reply: Reply, include_usage: bool) -> Iterator[str]:
+    """The chunks that close a stream: ``finish_reason`` (with our field), usage if asked, ``[DONE]``."""
     yield _chunk(reply, {}, finish_reason(result, reply.max_new_tokens), extension(result, reply.trace))
     if include_usage:
         yield sse({**_head(reply), "choices": [], "usage": usage(result)})
-    yield "data: [DONE]\n\n"
+    yield DONE
+
+
+def failure(error: dict) -> Iterator[str]:
+    """The end of a stream whose run failed after it started: the OpenAI error object, then ``[DONE]``."""
+    yield sse(error)
+    yield DONE
 
 
 def _head(reply: Reply) -> dict:
