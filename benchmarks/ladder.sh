@@ -7,6 +7,8 @@
 # One thread per process runs faster on 2 cores than two processes sharing both (OMP_NUM_THREADS=1),
 # so RUNGS="sum-1d" benchmarks/ladder.sh & RUNGS="sum-2d prod-1d" benchmarks/ladder.sh runs in parallel.
 # After retraining links, MODES=latent MERGE=1 benchmarks/ladder.sh reruns only latent mode into the reports.
+# CHECKPOINT=runs/<stage>/final benchmarks/ladder.sh PRESET evaluates links not shipped yet (results still go
+# under PRESET), e.g. before benchmarks/ship_links.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -17,8 +19,10 @@ declare -A SPECS=(
   [sum-2d]="chain_sum:min_terms=2,max_terms=2,min_digits=1,max_digits=2"
   [prod-1d]="products:min_terms=2,max_terms=2,min_digits=1,max_digits=1"
 )
+SYSTEM=(--preset "$PRESET")
+[ -z "${CHECKPOINT:-}" ] || SYSTEM=(--checkpoint "$CHECKPOINT")
 for rung in ${RUNGS:-sum-1d sum-2d prod-1d}; do
-  "$BIN/recursivemas" eval --preset "$PRESET" --task "reasoning-gym:${SPECS[$rung]}" --limit "$LIMIT" \
+  "$BIN/recursivemas" eval "${SYSTEM[@]}" --task "reasoning-gym:${SPECS[$rung]}" --limit "$LIMIT" \
       --modes "${MODES:-single,text,latent,latent-free}" ${MERGE:+--merge} --seeds 0 --temperature 0 --rounds 1 --latent-steps 16 \
       --max-new-tokens 64 --batch-size 16 --output "benchmarks/results/ladder/$PRESET/$rung"
 done
