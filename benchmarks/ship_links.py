@@ -36,6 +36,7 @@ LOSS_NAMES = {"inner": "sum over agents of mean 1 - cos", "align": "token read-o
 
 
 TABLES_START = "### Relay, held-out rows"
+LADDER_START = "### Task ladder, held-out questions"
 
 
 def shipped_section(preset: str, stage: str) -> list[str]:
@@ -99,7 +100,7 @@ def eval_tables(preset: str) -> list[str]:
     ``results/<kind>/<preset>/<task>/summary.json``."""
     titles = {
         "relay": f"{TABLES_START}, greedy, strict scoring (`benchmarks/relay.sh`)",
-        "ladder": "### Task ladder, held-out questions, greedy, strict scoring (`benchmarks/ladder.sh`)",
+        "ladder": f"{LADDER_START}, greedy, strict scoring (`benchmarks/ladder.sh`)",
     }
     return [line for kind, title in titles.items() for line in _table(preset, kind, title)]
 
@@ -166,7 +167,7 @@ def refresh_tables(preset: str) -> None:
     """Replace everything from the first evaluation table of the shipped card on with fresh tables."""
     path = WEIGHTS_DIR / preset / "README.md"
     lines = path.read_text().splitlines()
-    cut = next((i for i, line in enumerate(lines) if line.startswith(TABLES_START)), len(lines))
+    cut = next((i for i, line in enumerate(lines) if line.startswith((TABLES_START, LADDER_START))), len(lines))
     kept = "\n".join(lines[:cut]).rstrip()
     path.write_text("\n".join([kept, "", *eval_tables(preset)]).rstrip() + "\n")
     print(f"refreshed the tables of {path}")

@@ -137,9 +137,10 @@ PRESETS: dict[str, Preset] = {
     "smollm2-gemma3-distillation": Preset(
         "smollm2-gemma3-distillation",
         "Distillation: the larger Gemma-3-270M expert thinks, the SmolLM2-135M-Instruct learner reads its "
-        "message and answers. Training-free links.",
+        "message and answers. Ships trained links (configs/distillation-{inner,outer}.yaml).",
         _DISTILLATION_AGENTS,
-        _preset_builder(_DISTILLATION_AGENTS, "distillation"),
+        _preset_builder(_DISTILLATION_AGENTS, "distillation", WEIGHTS_DIR / "smollm2-gemma3-distillation"),
+        WEIGHTS_DIR / "smollm2-gemma3-distillation",
     ),
     "smollm2-gemma3-deliberation": Preset(
         "smollm2-gemma3-deliberation",
