@@ -167,7 +167,8 @@ def refresh_tables(preset: str) -> None:
     """Replace everything from the first evaluation table of the shipped card on with fresh tables."""
     path = WEIGHTS_DIR / preset / "README.md"
     lines = path.read_text().splitlines()
-    cut = next((i for i, line in enumerate(lines) if line.startswith((TABLES_START, LADDER_START))), len(lines))
+    starts = (TABLES_START, LADDER_START)
+    cut = next((i for i, line in enumerate(lines) if line.startswith(starts)), len(lines))
     kept = "\n".join(lines[:cut]).rstrip()
     path.write_text("\n".join([kept, "", *eval_tables(preset)]).rstrip() + "\n")
     print(f"refreshed the tables of {path}")
