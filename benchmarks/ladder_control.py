@@ -8,7 +8,7 @@ mismatched run falls.
 
     python benchmarks/ladder_control.py [--preset smollm2-pair] [--limit 200] [--rungs sum-1d,prod-1d]
 
-Writes benchmarks/results/ladder_control.json and prints a Markdown table.
+Writes benchmarks/results/ladder_control-<preset>.json and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main() -> None:
         other = accuracy(system, task, args.batch_size, mismatched=True)
         rows.append({"rung": rung, "task": task.name, "own": own, "mismatched": other})
         print(f"{rung}: own message {own}, another question's message {other}", flush=True)
-    (RESULTS / "ladder_control.json").write_text(json.dumps({"preset": args.preset, "rows": rows}, indent=1))
+    (RESULTS / f"ladder_control-{args.preset}.json").write_text(json.dumps({"preset": args.preset, "rows": rows}, indent=1))
     print("| rung | latent, own message | latent, another question's message |")
     print("|---|---|---|")
     for r in rows:

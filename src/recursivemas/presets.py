@@ -73,7 +73,6 @@ def _preset_builder(
 
 
 _BUNDLED_AGENTS = {"planner": "smollm2-135m", "critic": "smollm2-135m", "solver": "gemma3-270m"}
-_SWAP_AGENTS = {"planner": "gemma3-270m", "critic": "smollm2-135m", "solver": "smollm2-135m"}
 _PAIR_AGENTS = {"planner": "smollm2-135m", "solver": "smollm2-135m"}
 _TINY_AGENTS = {"planner": "tiny-random:llama", "critic": "tiny-random:gemma3", "solver": "tiny-random:qwen3"}
 _MIXTURE_AGENTS = {
@@ -109,14 +108,6 @@ PRESETS: dict[str, Preset] = {
         _BUNDLED_AGENTS,
         _preset_builder(_BUNDLED_AGENTS, links=WEIGHTS_DIR / "smollm2-gemma3"),
         WEIGHTS_DIR / "smollm2-gemma3",
-    ),
-    "gemma3-smollm2": Preset(
-        "gemma3-smollm2",
-        "Sequential planner/critic/solver with the roles of smollm2-gemma3 swapped: Gemma-3-270M plans, "
-        "SmolLM2-135M-Instruct criticises and answers (one shared copy); links map 640 <-> 576 across two "
-        "tokenizers. Training-free links until configs/swap-*.yaml have been run.",
-        _SWAP_AGENTS,
-        _preset_builder(_SWAP_AGENTS),
     ),
     "smollm2-pair": Preset(
         "smollm2-pair",

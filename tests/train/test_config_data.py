@@ -223,8 +223,6 @@ def test_hub_source_without_datasets_says_what_to_install(monkeypatch):
 def test_shipped_configs_parse_and_say_how_to_run_them(path):
     config = TrainConfig.load(path)
     pattern = path.name.split("-")[0]
-    expected = {"pair": "smollm2-pair", "default": "smollm2-gemma3", "swap": "gemma3-smollm2"}.get(
-        pattern, f"smollm2-gemma3-{pattern}"
-    )
+    expected = {"pair": "smollm2-pair", "default": "smollm2-gemma3"}.get(pattern, f"smollm2-gemma3-{pattern}")
     assert config.system.preset == expected
     assert f"recursivemas train -c configs/{path.name}" in path.read_text().splitlines()[1]
