@@ -72,7 +72,8 @@ def main() -> None:
         other = accuracy(system, task, args.batch_size, mismatched=True)
         rows.append({"rung": rung, "task": task.name, "own": own, "mismatched": other})
         print(f"{rung}: own message {own}, another question's message {other}", flush=True)
-    (RESULTS / f"ladder_control-{args.preset}.json").write_text(json.dumps({"preset": args.preset, "rows": rows}, indent=1))
+    report = {"preset": args.preset, "rows": rows}
+    (RESULTS / f"ladder_control-{args.preset}.json").write_text(json.dumps(report, indent=1))
     print("| rung | latent, own message | latent, another question's message |")
     print("|---|---|---|")
     for r in rows:
