@@ -137,9 +137,10 @@ PRESETS: dict[str, Preset] = {
         "smollm2-gemma3-deliberation",
         "Deliberation: a Gemma-3-270M reflector and a SmolLM2-135M-Instruct tool-caller exchange latent "
         "messages; the tool-caller answers, running <python> and <search> (shipped offline corpus) calls "
-        "as it writes. Training-free links.",
+        "as it writes. Ships trained links (configs/deliberation-{inner,outer}.yaml).",
         _DELIBERATION_AGENTS,
-        _preset_builder(_DELIBERATION_AGENTS, "deliberation"),
+        _preset_builder(_DELIBERATION_AGENTS, "deliberation", WEIGHTS_DIR / "smollm2-gemma3-deliberation"),
+        WEIGHTS_DIR / "smollm2-gemma3-deliberation",
     ),
     "tiny-random-deliberation": Preset(
         "tiny-random-deliberation",
