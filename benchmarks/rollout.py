@@ -25,15 +25,20 @@ from recursivemas.links import InnerLink, LinkConfig
 RESULTS = Path(__file__).parent / "results"
 
 
-def timed(fn, repeats: int) -> float:
-    """Median wall time of ``repeats`` calls after one warm-up."""
+def wall_times(fn, repeats: int) -> list[float]:
+    """Wall times of ``repeats`` calls after one warm-up."""
     fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def timed(fn, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls after one warm-up."""
+    return statistics.median(wall_times(fn, repeats))
 
 
 def raw_loop(agent, batch, steps: int) -> None:

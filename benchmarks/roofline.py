@@ -35,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from rollout import wall_times
 
 from recursivemas.agent import Agent, GenerationConfig, PromptBatch, position_ids
 from recursivemas.cache import cache_kwargs, cache_length, new_cache
@@ -47,13 +48,7 @@ GiB = 2**30
 
 def best_time(fn: Callable[[], object], repeats: int) -> float:
     """Least wall time of ``repeats`` calls after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(wall_times(fn, repeats))
 
 
 def bandwidth(repeats: int) -> dict[str, float]:
