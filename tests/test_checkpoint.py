@@ -9,9 +9,16 @@ import pytest
 import torch
 
 from recursivemas import GenerationConfig, RecursiveMAS, build_preset
-from recursivemas.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_release
+from recursivemas.checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    AgentRecord,
+    LinkRecord,
+    config_digest,
+    load_release,
+)
 from recursivemas.errors import CheckpointError
-from recursivemas.links import InnerLink, LinkConfig, OuterLink, init_default
+from recursivemas.links import InnerLink, LinkConfig, OuterLink, init_default, widen
 from recursivemas.loading import load_system
 from recursivemas.models import load_model
 
@@ -319,3 +326,29 @@ def test_local_model_folders_load_without_the_opt_in(tmp_path):
     _record_model(tmp_path / "ckpt", "planner", str(folder))
     loaded = RecursiveMAS.from_pretrained(str(tmp_path / "ckpt"))  # fingerprint checked: same weights
     assert loaded.agents["planner"].model_id == str(folder)
+
+
+def test_windowed_links_round_trip_and_window_one_keeps_old_digests(tmp_path):
+    system = _perturbed_system()
+    system.save_pretrained(str(tmp_path / "plain"))
+    plain = json.loads((tmp_path / "plain" / CONFIG_NAME).read_text())
+    before = plain["config_sha256"]
+    agents = [AgentRecord(**a) for a in plain["agents"]]
+    no_window_key = [LinkRecord(**{k: v for k, v in x.items() if k != "window"}) for x in plain["links"]]
+    assert config_digest(agents, no_window_key) == before  # checkpoints saved before windows existed
+    system.set_link(widen(system.links["outer"]["critic->solver"], 3))
+    with torch.no_grad():
+        system.links["outer"]["critic->solver"].window_proj.weight.normal_(0, 0.01)
+    system.save_pretrained(str(tmp_path / "wide"))
+    config = json.loads((tmp_path / "wide" / CONFIG_NAME).read_text())
+    assert {link["name"]: link["window"] for link in config["links"]}["critic->solver"] == 3
+    assert config["config_sha256"] != before  # the window is part of what the weights mean
+    loaded = RecursiveMAS.from_pretrained(str(tmp_path / "wide"))
+    assert loaded.links["outer"]["critic->solver"].config.window == 3
+    for (k, a), (k2, b) in zip(
+        system.links.state_dict().items(), loaded.links.state_dict().items(), strict=True
+    ):
+        assert k == k2 and torch.equal(a, b)
+    assert [r.text for r in loaded.run(QUESTIONS[:2], generation=GEN)] == [
+        r.text for r in system.run(QUESTIONS[:2], generation=GEN)
+    ]

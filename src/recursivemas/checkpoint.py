@@ -50,7 +50,7 @@ from recursivemas._version import __version__
 from recursivemas.agent import Agent
 from recursivemas.errors import CheckpointError, ConfigError
 from recursivemas.fileio import atomic_write, sha256_file
-from recursivemas.links import InnerLink, LinkConfig, OuterLink, build_link, count_parameters
+from recursivemas.links import MAX_WINDOW, InnerLink, LinkConfig, OuterLink, build_link, count_parameters
 from recursivemas.models import load_model, registry_names
 from recursivemas.prompts import PromptTemplate
 from recursivemas.system import RecursiveMAS, SystemConfig
@@ -225,6 +225,7 @@ class LinkRecord(_Strict):
     variant: Literal["paper", "release"] = "paper"
     residual_proj: bool = False
     rescale_norm: float | None = Field(default=None, gt=0)
+    window: int = Field(default=1, ge=1, le=MAX_WINDOW)
 
     def link_config(self) -> LinkConfig:
         """The ``LinkConfig`` this record describes."""
@@ -333,7 +334,9 @@ def config_digest(agents: list[AgentRecord], links: list[LinkRecord]) -> str:
         "agents": [
             a.model_dump(mode="json", include={"name", "template", "chat_template_kwargs"}) for a in agents
         ],
-        "links": [link.model_dump(mode="json") for link in links],
+        "links": [  # a link without a window hashes as before windows existed
+            link.model_dump(mode="json", exclude={"window"} if link.window == 1 else None) for link in links
+        ],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 

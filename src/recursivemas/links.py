@@ -19,6 +19,16 @@ Two link kinds (SPEC §2), each in two forms:
 
   with ``W1: d_i -> 2·d_j``, ``W2: 2·d_j -> d_j``, ``W3: d_i -> d_j`` (all with biases).
 
+An outer link may also read a causal window of the sender's preceding thoughts (``window = k > 1``):
+
+  ``R_out(h)_t = W3·h_t + W2·GELU(W1·x_t + U·[x_{t-1}; ...; x_{t-k+1}])``
+
+with ``x = LN_src(h)`` (release form) or ``h`` (paper form), zeros before the first thought and
+``U: (k-1)·d_i -> 2·d_j`` without bias, zero at initialisation (so a widened link starts as the link it
+was widened from). It lets one output vector merge several sender tokens, e.g. a name that the sender's
+tokenizer splits in two but the receiver's writes as one token. A windowed link maps whole messages:
+its input's second-to-last axis is the thought sequence.
+
 Both optionally rescale every output vector to a fixed norm (``rescale_norm``), as the training-free
 LatentMAS alignment does. Tensor names (``proj1``, ``proj2``, ``residual_proj``, ``pre_ln``,
 ``post_ln``, ``ln_source``, ``ln_target``) match the official release so its weights load.
@@ -29,7 +39,7 @@ for float64 checks), whatever the agents' dtype; callers cast at the boundaries.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import torch
@@ -39,6 +49,7 @@ from recursivemas.errors import ConfigError
 
 Variant = Literal["paper", "release"]
 VARIANTS: tuple[str, ...] = ("paper", "release")
+MAX_WINDOW = 16
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,8 @@ class LinkConfig:
         variant: ``"paper"`` or ``"release"`` (see module docstring).
         residual_proj: inner links only: learn a linear residual ``A`` instead of the identity.
         rescale_norm: if set, every output vector is rescaled to this L2 norm.
+        window: outer links only: how many of the sender's thoughts (this one and the ``window - 1``
+            before it) each output vector reads; 1 maps every thought on its own.
     """
 
     name: str
@@ -62,6 +75,7 @@ class LinkConfig:
     variant: Variant = "paper"
     residual_proj: bool = False
     rescale_norm: float | None = None
+    window: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in ("inner", "outer"):
@@ -78,6 +92,13 @@ class LinkConfig:
             raise ConfigError(
                 f"inner link {self.name!r} maps an agent to itself, so src_dim must equal dst_dim "
                 f"(got {self.src_dim} and {self.dst_dim})"
+            )
+        if not 1 <= self.window <= MAX_WINDOW:
+            raise ConfigError(f"link {self.name!r}: window must be 1-{MAX_WINDOW}, got {self.window}")
+        if self.kind == "inner" and self.window != 1:
+            raise ConfigError(
+                f"inner link {self.name!r} feeds one thought back at a time, so its window must be 1 "
+                f"(got {self.window}); windows are for outer links"
             )
 
     def to_dict(self) -> dict:
@@ -159,20 +180,61 @@ class OuterLink(_Link):
         self.proj1 = nn.Linear(d_i, 2 * d_j)
         self.proj2 = nn.Linear(2 * d_j, d_j)
         self.residual_proj = nn.Linear(d_i, d_j)
+        self.window_proj = (
+            nn.Linear((config.window - 1) * d_i, 2 * d_j, bias=False) if config.window > 1 else None
+        )
         if config.variant == "release":
             self.ln_source = nn.LayerNorm(d_i)
             self.ln_target = nn.LayerNorm(d_j)
         init_identity(self)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """``h``: (..., d_i) in any dtype -> (..., d_j) in the link's dtype (float32 unless cast)."""
+        """``h``: (..., d_i) in any dtype -> (..., d_j) in the link's dtype (float32 unless cast); a
+        windowed link needs (..., m, d_i), a sequence of m thoughts."""
         self._check_input(h)
         h = h.to(self.dtype)
         x = self.ln_source(h) if self.config.variant == "release" else h
-        y = self.residual_proj(h) + self.proj2(nn.functional.gelu(self.proj1(x)))
+        pre = self.proj1(x)  # (..., m, 2·d_j)
+        if self.window_proj is not None:
+            pre = pre + self.window_proj(_preceding(x, self.config.window - 1))
+        y = self.residual_proj(h) + self.proj2(nn.functional.gelu(pre))
         if self.config.variant == "release":
             y = self.ln_target(y)
         return self._rescale(y)
+
+
+def _preceding(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``[x_{t-1}; ...; x_{t-k}]`` for every position t, zeros before the start: (..., m, d) ->
+    (..., m, k·d)."""
+    if x.dim() < 2:
+        raise ValueError(
+            f"a windowed outer link maps a sequence of thoughts (..., m, d), got shape {tuple(x.shape)}"
+        )
+    m = x.shape[-2]
+    padded = nn.functional.pad(x, (0, 0, k, 0))  # (..., k + m, d)
+    return torch.cat([padded[..., k - s : k - s + m, :] for s in range(1, k + 1)], dim=-1)
+
+
+def widen(link: OuterLink, window: int) -> OuterLink:
+    """A copy of ``link`` that also reads ``window - 1`` preceding thoughts, equal to ``link`` until
+    trained (its window weights start at zero). Narrowing is refused: it would drop trained weights."""
+    if window < link.config.window:
+        raise ConfigError(
+            f"link {link.name!r} already reads a window of {link.config.window}; it cannot be narrowed "
+            f"to {window} without losing trained weights"
+        )
+    if window == link.config.window:
+        return link
+    wide = OuterLink(replace(link.config, window=window)).to(
+        device=link.proj1.weight.device, dtype=link.dtype
+    )
+    state = link.state_dict()
+    narrow = state.pop("window_proj.weight", None)  # (2·d_j, (k_old - 1)·d_i) or absent
+    state["window_proj.weight"] = torch.zeros_like(wide.window_proj.weight)
+    if narrow is not None:
+        state["window_proj.weight"][:, : narrow.shape[1]] = narrow  # the nearest thoughts come first
+    wide.load_state_dict(state)
+    return wide
 
 
 def build_link(config: LinkConfig) -> InnerLink | OuterLink:
@@ -192,6 +254,8 @@ def init_identity(link: InnerLink | OuterLink) -> None:
     nn.init.zeros_(link.proj1.bias)
     nn.init.zeros_(link.proj2.weight)
     nn.init.zeros_(link.proj2.bias)
+    if getattr(link, "window_proj", None) is not None:
+        nn.init.zeros_(link.window_proj.weight)
     if link.residual_proj is not None:
         link.residual_proj.weight.copy_(torch.eye(*link.residual_proj.weight.shape))
         if link.residual_proj.bias is not None:

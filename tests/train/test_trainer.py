@@ -204,3 +204,23 @@ def test_accelerate_launch_cpu_two_processes_end_identical(tmp_path):
     report = json.loads((tmp_path / "ddp" / "report.json").read_text())
     assert report["processes"] == 2, result.stderr[-2000:]
     assert len(report["replica_digests"]) == 2 and len(set(report["replica_digests"])) == 1
+
+
+def test_link_windows_widen_a_loaded_link_and_train_its_window(make_config, tmp_path):
+    Trainer(make_config(optim={"max_steps": 2}), command="pytest").run()
+    start = Path(tmp_path / "run" / "final")
+    cfg = make_config(
+        system={"links": str(start), "link_windows": {"critic->solver": 3}},
+        optim={"max_steps": 3, "lr": 1e-2, "links": ["critic->solver"]},
+        run={"output": str(tmp_path / "wide")},
+    )
+    trainer = Trainer(cfg, command="pytest")
+    link = trainer.system.links["outer"]["critic->solver"]
+    assert link.config.window == 3 and torch.all(link.window_proj.weight == 0)
+    trainer.run()
+    saved = from_pretrained(tmp_path / "wide" / "final", agents=list(trainer.system.agents.values()))
+    widened = saved.links["outer"]["critic->solver"]
+    assert widened.config.window == 3 and widened.window_proj.weight.abs().sum() > 0  # it learned
+    bad = make_config(system={"link_windows": {"planner": 2}}, run={"output": str(tmp_path / "x")})
+    with pytest.raises(ConfigError, match="outer links are"):
+        Trainer(bad, command="pytest")

@@ -47,7 +47,8 @@ class SystemSection(_Section):
     given per role in ``agents``.
 
     ``links`` starts from a saved link checkpoint (e.g. the inner stage's output for the outer stage);
-    otherwise links start from ``init``.
+    otherwise links start from ``init``. ``link_windows`` then widens outer links to read a causal
+    window of the sender's thoughts (``recursivemas.links.widen``; the new weights start at zero).
     """
 
     preset: str | None = "tiny-random"
@@ -57,6 +58,11 @@ class SystemSection(_Section):
     )
     init: Literal["training-free", "identity", "default"] = "training-free"
     links: str | None = None
+    link_windows: dict[str, int] = Field(
+        default_factory=dict,
+        description="outer link name -> window, e.g. {'critic->solver': 4}: that link also reads the "
+        "window - 1 thoughts before each one",
+    )
     rounds: int = Field(default=3, ge=1)
     latent_steps: int = Field(default=16, ge=1)
     dtype: Literal["float32", "bfloat16"] = "float32"

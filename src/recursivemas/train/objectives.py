@@ -630,7 +630,8 @@ class AlignObjective:
             drawn = torch.randint(0, x.shape[0], (max(len(seen), 1),), generator=generator).tolist()
             picked = torch.tensor(sorted(seen) + drawn)  # (k,)
             link = self.system.outer(edge)
-            mapped = link(x[picked].to(link.proj1.weight.device))  # (k, d_j)
+            lone = x[picked].to(link.proj1.weight.device).unsqueeze(1)  # (k, 1, d_i): each token alone
+            mapped = link(lone).squeeze(1)  # (k, d_j)
             logits = F.normalize(mapped, dim=-1) @ F.normalize(y.to(mapped.device), dim=-1).T  # (k, n)
             edge_loss = F.cross_entropy(logits / ALIGN_TEMPERATURE, picked.to(logits.device))
             metrics[f"loss/{edge.key}"] = float(edge_loss.detach())

@@ -40,6 +40,7 @@ from transformers import get_cosine_schedule_with_warmup
 from recursivemas.checkpoint import load_links
 from recursivemas.errors import CheckpointError, ConfigError
 from recursivemas.fileio import WRITE_ERRORS, atomic_write, check_writable_dir, write_failure
+from recursivemas.links import widen
 from recursivemas.loading import DTYPES
 from recursivemas.memory import PeakMemory
 from recursivemas.presets import build_from_specs, build_preset
@@ -70,7 +71,8 @@ RESUME_INVARIANT = ("stage", "trainable", "system", "data", "objective", "optim"
 
 
 def build_system(cfg: SystemSection, device: str) -> RecursiveMAS:
-    """The system to train on ``device``: links from ``cfg.links`` if given, else from ``cfg.init``."""
+    """The system to train on ``device``: links from ``cfg.links`` if given, else from ``cfg.init``,
+    then outer links widened as ``cfg.link_windows`` says."""
     settings = {
         "dtype": DTYPES[cfg.dtype],
         "device": device,
@@ -82,7 +84,16 @@ def build_system(cfg: SystemSection, device: str) -> RecursiveMAS:
         system = build_from_specs(cfg.agents, cfg.pattern, **settings)
     else:
         system = build_preset(cfg.preset, **settings)
-    return load_links(system, cfg.links) if cfg.links else system
+    if cfg.links:
+        load_links(system, cfg.links)
+    for name, window in cfg.link_windows.items():
+        outer = system.links["outer"]
+        if name not in outer:
+            raise ConfigError(
+                f"system.link_windows names {name!r}, but this system's outer links are {list(outer)}"
+            )
+        system.set_link(widen(outer[name], window))
+    return system
 
 
 def _check_contexts(system: RecursiveMAS, splits: Splits) -> None:
