@@ -9,6 +9,7 @@ import torch
 from recursivemas.agent import GenerationConfig, left_pad, position_ids
 from recursivemas.errors import ConfigError, NonFiniteLatentError, PromptTooLongError
 from recursivemas.links import InnerLink, LinkConfig, init_default
+from recursivemas.tools import ToolBox
 
 from .conftest import QUESTIONS
 
@@ -109,7 +110,20 @@ def test_greedy_decode_matches_transformers_generate(tiny_agents):
             pad_token_id=agent.pad_id,
         )
     n = ours.num_tokens[0]
+    assert ours.token_ids[0] == ids[0, :n].tolist()
     assert ours.texts[0] == agent.tokenizer.decode(ids[0, :n], skip_special_tokens=True).strip()
+
+
+def test_decoded_token_ids_with_and_without_tools(tiny_agents):
+    """Without calls, a decode with tools generates the ids of a plain decode; counts are their lengths."""
+    agent = tiny_agents["qwen3"]
+    batch = _batch(agent, QUESTIONS[:3])
+    gen = GenerationConfig(max_new_tokens=12)
+    with torch.no_grad():
+        plain = agent.decode(batch, gen)
+        with_tools, _ = agent.decode_with_tools(batch, gen, ToolBox())
+    assert with_tools.token_ids == plain.token_ids
+    assert [len(ids) for ids in plain.token_ids] == plain.num_tokens == with_tools.num_tokens
 
 
 def test_sampling_is_seeded_per_row(tiny_agents):

@@ -139,11 +139,13 @@ def row_seeds(
 
 @dataclass
 class Decoded:
-    """Generated text per row and the number of generated tokens per row (EOS included)."""
+    """Generated text per row, the number of generated tokens per row (EOS included) and, per row, the
+    generated token ids themselves (EOS included; tool results fed into the cache are not generated)."""
 
     texts: list[str]
     num_tokens: list[int]
     seconds: float = 0.0
+    token_ids: list[list[int]] = field(default_factory=list)
 
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
@@ -463,7 +465,12 @@ class Agent:
             )
         generated = torch.stack(tokens, 1).tolist()  # (B, N), pad after a row is done
         rows = [self._finish(row[:limit]) for row, limit in zip(generated, limits, strict=True)]
-        return Decoded([text for text, _ in rows], [n for _, n in rows], time.perf_counter() - start)
+        return Decoded(
+            [text for text, _ in rows],
+            [n for _, n in rows],
+            time.perf_counter() - start,
+            [row[:n] for row, (_, n) in zip(generated, rows, strict=True)],
+        )
 
     def _text(self, ids: Sequence[int]) -> str:
         """Generated ids (EOS excluded) -> the text a decode returns."""
@@ -507,15 +514,16 @@ class Agent:
         bsz = batch.embeds.shape[0]
         gens = per_row(gen, bsz)
         self.check_fits(batch, [g.max_new_tokens for g in gens], "new tokens")
-        texts, counts, calls = [], [], []
+        texts, ids, calls = [], [], []
         for i, (row_gen, seed) in enumerate(zip(gens, row_seeds(gen, bsz, seeds), strict=True)):
             row = PromptBatch(batch.embeds[i : i + 1], batch.mask[i : i + 1], [], [])
             report = None if on_token is None else partial(on_token, i)
-            text, count, row_calls = self._decode_row_with_tools(row, row_gen, tools, seed, prefix, report)
+            text, row_ids, row_calls = self._decode_row_with_tools(row, row_gen, tools, seed, prefix, report)
             texts.append(text)
-            counts.append(count)
+            ids.append(row_ids)
             calls.append(row_calls)
-        return Decoded(texts, counts, time.perf_counter() - start), calls
+        decoded = Decoded(texts, [len(r) for r in ids], time.perf_counter() - start, ids)
+        return decoded, calls
 
     def _decode_row_with_tools(
         self,
@@ -525,21 +533,22 @@ class Agent:
         seed: int,
         prefix: str,
         on_text: Callable[[str], None] | None,
-    ) -> tuple[str, int, list[ToolCall]]:
+    ) -> tuple[str, list[int], list[ToolCall]]:
+        """One row's decode with tools -> (its text, its generated ids with the EOS, its calls)."""
         sampler = _sampler(gen, seed, self.device)
         stream = _CachedStream(self, row)
         done_text: list[str] = []  # transcript before the current segment (calls and results)
         segment: list[int] = []  # ids generated since the last result
         calls: list[ToolCall] = []
-        generated = 0
+        generated: list[int] = []  # every generated id, EOS included
         found = tools.find_call(prefix)
         if found is not None:  # the prompt already ends with a complete call: run it first
             calls.append(tools.call(*found, calls_so_far=0))
             done_text += [prefix, ToolBox.result_text(calls[0])]
             stream.feed(self.tokenizer(done_text[-1], add_special_tokens=False)["input_ids"])
-        while generated < gen.max_new_tokens:
+        while len(generated) < gen.max_new_tokens:
             token = int(_choose(stream.logits, [sampler]))
-            generated += 1
+            generated.append(token)
             if token in self.eos_ids:
                 break
             segment.append(token)
@@ -558,10 +567,10 @@ class Agent:
                 on_text(("".join(done_text) + text).strip())
             if (
                 found is not None
-                and stream.width + len(feed) + gen.max_new_tokens - generated > self.max_context
+                and stream.width + len(feed) + gen.max_new_tokens - len(generated) > self.max_context
             ):
                 break  # the result does not fit the context: stop with the transcript so far
-            if generated == gen.max_new_tokens:
+            if len(generated) == gen.max_new_tokens:
                 break
             stream.feed(feed)
         tail = (prefix if not done_text else "") + self.tokenizer.decode(segment, skip_special_tokens=True)
