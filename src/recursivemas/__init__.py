@@ -5,7 +5,7 @@ RecursiveLinks, recursing for several rounds; only the last agent in the last ro
 """
 
 from recursivemas._version import __version__
-from recursivemas.agent import Agent, GenerationConfig
+from recursivemas.agent import Agent, GenerationConfig, StepConfig
 from recursivemas.links import InnerLink, LinkConfig, OuterLink
 from recursivemas.presets import build_preset
 from recursivemas.prompts import PromptTemplate
@@ -24,6 +24,7 @@ __all__ = [
     "RecursiveMAS",
     "RunResult",
     "StageTrace",
+    "StepConfig",
     "SystemConfig",
     "__version__",
     "build_preset",

@@ -20,16 +20,17 @@ import hashlib
 import json
 import math
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel
+from transformers import CompileConfig, PreTrainedModel
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from recursivemas.cache import cache_kwargs, new_cache
+from recursivemas.cache import cache_kwargs, new_cache, step_mask
 from recursivemas.errors import ConfigError, NonFiniteLatentError, PromptTooLongError
 from recursivemas.links import InnerLink
 from recursivemas.models import load_model
@@ -95,6 +96,54 @@ class GenerationConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.seed < 2**62:
             raise ConfigError(f"seed must be in [0, 2**62), got {self.seed}")
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """How the one-position steps of ``Agent.think`` and ``Agent.decode`` run (the prompt pass and decodes
+    with tools always run eagerly over a dynamic cache).
+
+    Attributes:
+        static_cache: keep keys and values in a ``StaticCache`` preallocated for the prompt plus the steps
+            (rounded up to a multiple of ``cache_bucket``) instead of a growing ``DynamicCache``; each
+            step's attention mask is built before its forward, as ``generate`` does with
+            ``cache_implementation="static"``. Outputs equal the dynamic cache's up to float rounding.
+        compile: run each step's forward through ``torch.compile`` (transformers' ``get_compiled_call``);
+            implies ``static_cache``. The first calls compile (seconds on a GPU, up to minutes on a CPU);
+            a new batch size or cache length compiles again once, then shapes are dynamic.
+        compile_mode: the ``torch.compile`` mode for the inductor backend; ``None``: ``"reduce-overhead"``
+            (CUDA graphs) on CUDA, ``"default"`` elsewhere.
+        compile_backend: ``"inductor"`` generates kernels; ``"aot_eager"`` traces the same graph and runs it
+            with eager kernels (quick to compile: for checks).
+        cache_bucket: static caches hold a multiple of this many positions, so calls with nearby lengths
+            share one compiled graph.
+    """
+
+    static_cache: bool = False
+    compile: bool = False
+    compile_mode: str | None = None
+    compile_backend: str = "inductor"
+    cache_bucket: int = 256
+
+    def __post_init__(self) -> None:
+        if self.cache_bucket < 1:
+            raise ConfigError(f"cache_bucket must be >= 1, got {self.cache_bucket}")
+
+    @property
+    def static(self) -> bool:
+        """Whether steps use a static cache (asked for, or needed by ``compile``)."""
+        return self.static_cache or self.compile
+
+    def cache_length(self, positions: int) -> int:
+        """The static cache length for ``positions`` positions: the next multiple of ``cache_bucket``."""
+        return -(-positions // self.cache_bucket) * self.cache_bucket
+
+    def compile_config(self, device: torch.device) -> CompileConfig:
+        """transformers' ``CompileConfig`` for steps on ``device``."""
+        if self.compile_backend != "inductor":
+            return CompileConfig(backend=self.compile_backend, mode=None)
+        mode = self.compile_mode or ("reduce-overhead" if device.type == "cuda" else "default")
+        return CompileConfig(backend="inductor", mode=mode)
 
 
 GenerationSettings = GenerationConfig | Sequence[GenerationConfig]
@@ -177,6 +226,8 @@ class Agent:
         role: the role (defaults to ``name``).
         model_id: HF id, local path or registry name the model came from (recorded in checkpoints).
         chat_template_kwargs: extra arguments for ``apply_chat_template`` (e.g. ``enable_thinking``).
+        step_config: how latent and decode steps run (eager over a dynamic cache by default; a static
+            cache and ``torch.compile`` for GPUs, see ``StepConfig``).
     """
 
     name: str
@@ -186,6 +237,7 @@ class Agent:
     role: str = ""
     model_id: str = ""
     chat_template_kwargs: dict = field(default_factory=dict)
+    step_config: StepConfig = field(default_factory=StepConfig)
 
     def __post_init__(self) -> None:
         self._embedding = self.model.get_input_embeddings()
@@ -353,23 +405,13 @@ class Agent:
         dtype (float32 unless the link was cast).
         """
         self.check_fits(batch, steps, "latent steps")
-        cache = new_cache(self.model)
-        mask = batch.mask
-        pos = position_ids(mask)  # (B, T)
-        x = batch.embeds  # (B, T, d)
-        hidden, embeds = [], []
-        for step in range(steps):
-            out = self.backbone(
-                inputs_embeds=x, attention_mask=mask, position_ids=pos, **cache_kwargs(self.backbone, cache)
-            )
-            h = out.last_hidden_state[:, -1]  # (B, d)
-            e = inner(h)  # (B, d) in the link's dtype
+        forwards = _Forwards(self, self.backbone, batch, steps - 1, _last_hidden)
+        h = forwards.prompt(batch.embeds)  # (B, d) at the last prompt position
+        hidden, embeds = [h], [inner(h)]  # embeds in the link's dtype
+        for _ in range(steps - 1):
+            h = forwards.step(inputs_embeds=embeds[-1].to(self.dtype)[:, None])  # (B, d)
             hidden.append(h)
-            embeds.append(e)
-            if step + 1 < steps:
-                x = e.to(self.dtype)[:, None]  # (B, 1, d)
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-                pos = pos[:, -1:] + 1
+            embeds.append(inner(h))
         thoughts = Thoughts(torch.stack(hidden, 1), torch.stack(embeds, 1))
         self._check_finite(thoughts, round_)
         return thoughts
@@ -432,20 +474,12 @@ class Agent:
         ]
         eos = torch.tensor(self.eos_ids or [-1], device=self.device)
         last_step = torch.tensor(limits, device=self.device)  # (B,) a row is done after this many tokens
-        cache = new_cache(self.model)
-        mask, pos = batch.mask, position_ids(batch.mask)
-        out = self.model(
-            inputs_embeds=batch.embeds,
-            attention_mask=mask,
-            position_ids=pos,
-            logits_to_keep=1,
-            **cache_kwargs(self.model, cache),
-        )
+        forwards = _Forwards(self, self.model, batch, max(limits) - 1, _last_logits, logits_to_keep=1)
+        logits = forwards.prompt(batch.embeds)  # (B, V) float32
         done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
         so_far: list[list[int]] = [[] for _ in range(bsz)]  # each row's tokens before EOS, for on_token
         tokens: list[torch.Tensor] = []
         for step in range(1, max(limits) + 1):
-            logits = out.logits[:, -1].float()  # (B, V)
             nxt = _choose(logits, samplers)  # (B,)
             nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
             tokens.append(nxt)
@@ -454,15 +488,7 @@ class Agent:
             done |= torch.isin(nxt, eos) | (last_step <= step)
             if bool(done.all()):
                 break
-            mask = torch.cat([mask, mask.new_ones(bsz, 1)], dim=1)
-            pos = pos[:, -1:] + 1
-            out = self.model(
-                input_ids=nxt[:, None],
-                attention_mask=mask,
-                position_ids=pos,
-                logits_to_keep=1,
-                **cache_kwargs(self.model, cache),
-            )
+            logits = forwards.step(input_ids=nxt[:, None])  # (B, V)
         generated = torch.stack(tokens, 1).tolist()  # (B, N), pad after a row is done
         rows = [self._finish(row[:limit]) for row, limit in zip(generated, limits, strict=True)]
         return Decoded(
@@ -575,6 +601,78 @@ class Agent:
             stream.feed(feed)
         tail = (prefix if not done_text else "") + self.tokenizer.decode(segment, skip_special_tokens=True)
         return ("".join(done_text) + tail).strip(), generated, calls
+
+
+RECOMPILE_LIMIT = 64
+_COMPILED: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Callable]] = weakref.WeakKeyDictionary()
+
+
+def _compiled(module: torch.nn.Module, config: CompileConfig) -> Callable:
+    """``module``'s call through ``torch.compile`` under ``config``, made once per module and config (as
+    transformers' ``get_compiled_call``, which a backbone without generation settings does not offer), so
+    agents sharing a model share its compiled graphs."""
+    calls = _COMPILED.setdefault(module, {})
+    key = repr(config.to_dict())
+    if key not in calls:
+        # transformers' forward wrappers share one code object across model classes, so one system's graphs
+        # (per model class, batch size and cache length) can pass dynamo's default limit of 8 per code object,
+        # past which it falls back to eager without an error.
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+        calls[key] = torch.compile(module.__call__, **config.to_dict())
+    return calls[key]
+
+
+def _last_hidden(out: Any) -> torch.Tensor:
+    """A backbone's output -> (B, d) last-layer hidden states at the last position."""
+    return out.last_hidden_state[:, -1]
+
+
+def _last_logits(out: Any) -> torch.Tensor:
+    """A causal LM's output -> (B, V) float32 logits at the last position."""
+    return out.logits[:, -1].float()
+
+
+class _Forwards:
+    """The forward passes of one latent rollout or decode over one KV cache: an eager prompt pass, then
+    one-position steps, run as the agent's ``StepConfig`` says (eager over a dynamic cache by default).
+
+    ``module`` is the backbone (latent steps) or the causal LM (decode steps); ``steps`` bounds the
+    one-position steps after the prompt (it sizes a static cache); ``last`` picks the (B, ...) output at
+    the last position; ``kwargs`` go to every forward (``logits_to_keep``).
+    """
+
+    def __init__(
+        self,
+        agent: Agent,
+        module: PreTrainedModel,
+        batch: PromptBatch,
+        steps: int,
+        last: Callable[[Any], torch.Tensor],
+        **kwargs: Any,
+    ) -> None:
+        config = agent.step_config
+        self.module, self.last, self.static, self.compiled = module, last, config.static, config.compile
+        length = config.cache_length(batch.mask.shape[1] + steps) if config.static else None
+        self.cache = new_cache(agent.model, length)
+        self.kwargs = {**cache_kwargs(module, self.cache), **kwargs}
+        self.call = _compiled(module, config.compile_config(agent.device)) if config.compile else module
+        self.mask, self.pos = batch.mask, position_ids(batch.mask)  # (B, T)
+
+    def prompt(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Run the (B, T, d) prompt embeddings (always eager) -> the output at its last position."""
+        out = self.module(
+            inputs_embeds=embeds, attention_mask=self.mask, position_ids=self.pos, **self.kwargs
+        )
+        return self.last(out)
+
+    def step(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """Run one position (``input_ids`` (B, 1) or ``inputs_embeds`` (B, 1, d)) -> its output."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)  # (B, t + 1)
+        self.pos = self.pos[:, -1:] + 1  # (B, 1)
+        mask = step_mask(self.module, self.mask, self.cache, self.pos) if self.static else self.mask
+        out = self.last(self.call(**inputs, attention_mask=mask, position_ids=self.pos, **self.kwargs))
+        return out.clone() if self.compiled else out  # CUDA graphs overwrite their outputs on the next replay
 
 
 class _CachedStream:

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 from tqdm import tqdm
 
-from recursivemas.agent import GenerationConfig
+from recursivemas.agent import GenerationConfig, StepConfig
 from recursivemas.distributed import cpu_processes_requested, launch_cpu_workers
 from recursivemas.errors import ConfigError, InputError, RecursiveMASError
 from recursivemas.loading import DTYPES, load_system
@@ -63,9 +63,15 @@ class SystemOptions:
     json: bool
     trace: bool
     allow_hub: bool = False
+    compile: bool = False
 
     def generation(self) -> GenerationConfig:
         return GenerationConfig(self.max_new_tokens, self.temperature, self.top_p, self.seed)
+
+    def load(self) -> RecursiveMAS:
+        """The system these options name, its steps compiled over a static cache with ``--compile``."""
+        system = load_system(self.preset, self.checkpoint, self.dtype, self.device, self.init, self.allow_hub)
+        return system.set_step_config(StepConfig(compile=self.compile))
 
 
 @dataclass
@@ -266,7 +272,7 @@ def run_command(opts: SystemOptions, questions: list[str], input_file: str | Non
         raise InputError("no question given: pass QUESTION arguments or --input FILE.jsonl|.txt")
     opts.generation()  # validate decoding settings before loading any model
     if any(row.pending for row in rows):
-        system = load_system(opts.preset, opts.checkpoint, opts.dtype, opts.device, opts.init, opts.allow_hub)
+        system = opts.load()
         check_context_budget(system, opts, [opts.mode])
         try:
             answer_stream(system, rows, opts)
@@ -392,7 +398,7 @@ def _largest(fits: Callable[[int], bool], high: int = MAX_LENGTH) -> int:
 def chat_command(opts: SystemOptions) -> int:
     """``recursivemas chat``: an interactive loop, one independent question per line."""
     opts.generation()
-    system = load_system(opts.preset, opts.checkpoint, opts.dtype, opts.device, opts.init, opts.allow_hub)
+    system = opts.load()
     check_context_budget(system, opts, [opts.mode])
     mode = opts.mode
     print(
@@ -426,7 +432,7 @@ def demo_command(opts: SystemOptions, question: str) -> int:
     """``recursivemas demo``: a question in latent mode, then in text mode (both traced), then compared."""
     item = MASInput.parse(question)
     opts.generation()
-    system = load_system(opts.preset, opts.checkpoint, opts.dtype, opts.device, opts.init, opts.allow_hub)
+    system = opts.load()
     check_context_budget(system, opts, ["latent", "text"])
     results = {}
     for mode in ("latent", "text"):
@@ -595,6 +601,12 @@ def _system_parser() -> argparse.ArgumentParser:
     )
     parent.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parent.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parent.add_argument(
+        "--compile",
+        action="store_true",
+        help="static KV cache and torch.compile for latent and decode steps (for GPUs: CUDA graphs; "
+        "the first steps of each batch size compile, minutes on a CPU)",
+    )
     parent.add_argument("--json", action="store_true", help="print one JSON object per question (JSON Lines)")
     parent.add_argument(
         "--trace",

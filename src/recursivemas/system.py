@@ -32,6 +32,7 @@ from recursivemas.agent import (
     GenerationSettings,
     Piece,
     PromptBatch,
+    StepConfig,
     TokenCallback,
     per_row,
     row_seeds,
@@ -240,6 +241,13 @@ class RecursiveMAS(nn.Module):
             if all(agent.model is not m for m in out.values()):
                 out[name] = agent.model
         return out
+
+    def set_step_config(self, config: StepConfig) -> RecursiveMAS:
+        """Run every agent's latent and decode steps as ``config`` says (``StepConfig``: eager over a
+        dynamic cache by default; a static KV cache and ``torch.compile`` for GPUs). Returns ``self``."""
+        for agent in self.agents.values():
+            agent.step_config = config
+        return self
 
     # --- links -----------------------------------------------------------------------------------
 
