@@ -8,6 +8,8 @@ import time
 
 import pytest
 import torch
+from transformers import AutoTokenizer, GemmaTokenizer
+from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 from recursivemas import GenerationConfig, build_preset
 from recursivemas.agent import Agent
@@ -52,6 +54,24 @@ def test_second_load_hits_the_cache(loaded, monkeypatch):
     monkeypatch.setattr(bundled, "convert", fail)
     model, _ = load_model("smollm2-135m")
     assert model.config.hidden_size == 576
+
+
+def test_cached_gemma_tokenizer_loads_natively_and_tokenizes_as_gemmas_own_class():
+    """The cache saves Gemma's tokenizer to load as a ``TokenizersBackend`` (``GemmaTokenizer`` rebuilds its
+    262k-token vocabulary in Python on every load): over the same files, both must tokenize alike."""
+    folder = bundled.ensure_cached("gemma3-270m")
+    native, gemma = AutoTokenizer.from_pretrained(folder), GemmaTokenizer.from_pretrained(folder)
+    assert type(native) is TokenizersBackend and native.padding_side == gemma.padding_side == "left"
+    assert native.added_tokens_decoder == gemma.added_tokens_decoder
+    texts = [
+        "The capital of France is",
+        "  two  spaces\n\ttab",
+        "<start_of_turn>user\nhi<end_of_turn>",
+        "½ 中文 🎉",
+    ]
+    assert native(texts, padding=True).data == gemma(texts, padding=True).data
+    ids = native(texts[2]).input_ids
+    assert native.decode(ids) == gemma.decode(ids)
 
 
 def test_corrupt_or_partial_cache_is_rebuilt(tmp_path, monkeypatch, capsys):

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer, GemmaTokenizer
+from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 from recursivemas.cli import main
 from recursivemas.models import bundled
@@ -179,16 +181,57 @@ def test_an_edited_manifest_is_detected_and_rebuilt(fake, capsys):
 
 
 @pytest.mark.probe("model-cache")
-def test_an_older_unsigned_manifest_is_signed_once_verified(fake):
-    _edit_manifest(fake.folder, lambda m: m.pop("checksum"))
-    assert bundled.cache_problem(NAME) == bundled.UNSIGNED
-    bundled.ensure_cached(NAME)
-    assert bundled.is_cached(NAME) and len(fake.exports) == 1  # signed in place, not converted again
+@pytest.mark.parametrize("signed", [True, False])
+def test_a_cache_in_an_older_format_is_converted_again(fake, capsys, signed):
+    def older(manifest: dict) -> None:
+        manifest["format_version"] = 1  # its tokenizer files load the slow way; old ones may lack a checksum
+        manifest.pop("checksum")
+        if signed:
+            manifest["checksum"] = bundled.manifest_checksum(manifest)
 
-    _edit_manifest(fake.folder, lambda m: m.pop("checksum"))
-    _corrupt_in_place(fake.weights)  # an unsigned manifest is only trusted after every file is hashed
+    _edit_manifest(fake.folder, older)
+    assert bundled.cache_problem(NAME) == "cache format 1 of another recursivemas version"
     bundled.ensure_cached(NAME)
-    assert fake.weights.read_bytes() == WEIGHTS and len(fake.exports) == 2
+    assert "cache format 1 of another recursivemas version); rebuilding it" in capsys.readouterr().err
+    assert bundled.is_cached(NAME) and len(fake.exports) == 2
+
+
+def test_a_manifest_without_its_checksum_is_an_edited_one(fake):
+    _edit_manifest(fake.folder, lambda m: m.pop("checksum"))
+    assert bundled.cache_problem(NAME) == "manifest.json was edited (its checksum does not match)"
+    bundled.ensure_cached(NAME)
+    assert bundled.is_cached(NAME) and len(fake.exports) == 2
+
+
+def test_a_conversion_parses_each_gguf_once(monkeypatch):
+    """transformers builds a ``gguf.GGUFReader`` for the tokenizer, the config and the weights; within a
+    conversion they share one per file, and outside it every call parses again."""
+    gguf = pytest.importorskip("gguf")
+    parsed = []
+    monkeypatch.setattr(gguf, "GGUFReader", lambda path: parsed.append(path) or object())
+    with bundled._gguf_parsed_once():
+        first = gguf.GGUFReader("a.gguf")
+        assert gguf.GGUFReader("a.gguf") is first and gguf.GGUFReader("b.gguf") is not first
+    assert gguf.GGUFReader("a.gguf") is not first
+    assert parsed == ["a.gguf", "b.gguf", "a.gguf"]
+
+
+def test_a_model_specific_tokenizer_is_saved_to_load_natively(tmp_path):
+    """The cache saves a class-specific tokenizer (Gemma's, whose loads rebuild the vocabulary in Python)
+    to load as a ``TokenizersBackend``: same tokens, added tokens, chat template and padding side."""
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "a", "b", "▁", "ab"]
+    original = GemmaTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[("a", "b")])
+    original.add_tokens(["<tool>"])
+    original.chat_template = "{{ messages[0]['content'] }}"
+    original.save_pretrained(tmp_path)
+    bundled._record_native_tokenizer(original, tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert type(loaded) is TokenizersBackend and loaded.padding_side == original.padding_side == "left"
+    assert loaded.added_tokens_decoder == original.added_tokens_decoder
+    assert loaded.chat_template == original.chat_template
+    texts = ["ab ba", "a<tool>b", "<bos>ab<eos>", "c"]
+    assert loaded(texts, padding=True).data == original(texts, padding=True).data
+    assert loaded.decode(loaded("ab a").input_ids) == original.decode(original("ab a").input_ids)
 
 
 def test_a_rebuild_that_does_not_help_is_a_clear_error(fake, monkeypatch):

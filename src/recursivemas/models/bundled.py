@@ -12,13 +12,19 @@ saves float32 safetensors plus tokenizer files under ``$RECURSIVEMAS_CACHE/model
 (default ``~/.cache/recursivemas``), with a ``manifest.json`` of every file's size, modification time
 and SHA-256, and a checksum of the manifest itself. The conversion is built in a temporary folder and
 moved into place at the end, so an interrupted conversion never leaves a half-written cache.
+``recursivemas models --convert`` (run by ``make install``) does it ahead of the first run.
+
+Later loads are plain ``from_pretrained`` calls on that folder: the safetensors are memory-mapped, and
+the tokenizer is saved as a generic ``TokenizersBackend`` with its added tokens listed, so that
+``tokenizer.json`` is read once, natively (a model-specific class such as ``GemmaTokenizer`` rebuilds a
+262k-token vocabulary in Python on every load). A cache in an older format (``format_version`` in the
+manifest) is converted again.
 
 Every load checks the cache against its manifest: an edited manifest (checksum mismatch), a missing
 file or a size mismatch, or a changed modification time whose SHA-256 no longer matches, marks the
 cache corrupt and it is rebuilt. A file corrupted in place with its size and modification time kept is
 only caught by hashing every file: set ``RECURSIVEMAS_VERIFY_CACHE=1`` to do that on every load, or run
-``recursivemas models --verify`` once (it rebuilds what fails). A manifest written before manifests had
-a checksum is verified by hashing every file once, then signed.
+``recursivemas models --verify`` once (it rebuilds what fails).
 
 Processes share the cache through a lock file next to it: loads hold a shared lock while they read
 (``cached``), a rebuild holds an exclusive one, so a rebuild never moves files away under a reader.
@@ -27,6 +33,7 @@ Processes share the cache through a lock file next to it: loads hold a shared lo
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import importlib
 import importlib.metadata
@@ -41,7 +48,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from recursivemas.errors import ConfigError
 from recursivemas.fileio import atomic_write, sha256_file
@@ -51,9 +64,10 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 CACHE_ENV = "RECURSIVEMAS_CACHE"
 VERIFY_ENV = "RECURSIVEMAS_VERIFY_CACHE"
-_MANIFEST_VERSION = 1  # the checksum field was added compatibly: older manifests are signed on first use
+# 2: the tokenizer is saved to load natively (see ``_record_native_tokenizer``), and every manifest has
+# its checksum (version 1 manifests could lack one).
+_MANIFEST_VERSION = 2
 NOT_CONVERTED = "not converted yet"
-UNSIGNED = "manifest has no checksum (written by an older recursivemas)"
 
 
 @dataclass(frozen=True)
@@ -164,8 +178,10 @@ def _read_manifest(name: str) -> tuple[dict, list[tuple[str, int, int, str]]] | 
         records = [(str(f), int(r["size"]), int(r["mtime_ns"]), str(r["sha256"])) for f, r in files.items()]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ValueError):
         return "unreadable manifest"
-    if manifest.get("format_version") != _MANIFEST_VERSION or manifest.get("model") != name:
-        return "manifest from another recursivemas version or model"
+    if manifest.get("model") != name:
+        return "manifest of another model"
+    if manifest.get("format_version") != _MANIFEST_VERSION:
+        return f"cache format {manifest.get('format_version')} of another recursivemas version"
     if not records:
         return "empty manifest"
     return manifest, records
@@ -195,9 +211,7 @@ def cache_problem(name: str, verify: bool | None = None) -> str | None:
     if isinstance(read, str):
         return read
     manifest, records = read
-    if "checksum" not in manifest:
-        return UNSIGNED
-    if manifest["checksum"] != manifest_checksum(manifest):
+    if manifest.get("checksum") != manifest_checksum(manifest):
         return f"{MANIFEST} was edited (its checksum does not match)"
     return _files_problem(model_dir(name), records, verify_by_default() if verify is None else verify)
 
@@ -243,14 +257,11 @@ def ensure_cached(name: str, verify: bool | None = None) -> Path:
 
 
 def _repair(spec: BundledModel, verify: bool | None) -> None:
-    """Under the exclusive lock: sign an older unsigned manifest whose files all match their SHA-256,
-    else convert again. Concurrent processes (``accelerate launch``) convert once: the others wait, then
-    find the finished cache."""
+    """Under the exclusive lock: convert again. Concurrent processes (``accelerate launch``) convert once:
+    the others wait, then find the finished cache."""
     with _lock(spec.name, exclusive=True):
         problem = cache_problem(spec.name, verify)  # another process may have repaired it while we waited
         if problem is None:
-            return
-        if problem == UNSIGNED and _sign_if_intact(spec.name):
             return
         if problem != NOT_CONVERTED:
             logger.warning("cache of %s is unusable (%s); rebuilding it", spec.name, problem)
@@ -258,15 +269,6 @@ def _repair(spec: BundledModel, verify: bool | None) -> None:
                 f"recursivemas: cache of {spec.name} is unusable ({problem}); rebuilding it", file=sys.stderr
             )
         convert(spec)
-
-
-def _sign_if_intact(name: str) -> bool:
-    """Add the checksum to an unsigned manifest if every file matches its SHA-256; whether it did."""
-    read = _read_manifest(name)
-    if isinstance(read, str) or _files_problem(model_dir(name), read[1], verify=True) is not None:
-        return False
-    _write_manifest(model_dir(name), read[0])
-    return True
 
 
 @contextmanager
@@ -290,13 +292,58 @@ def _forget_gguf_origin(model: PreTrainedModel) -> None:
         del model.config.quantization_config
 
 
-def _export(gguf: Path, out: Path) -> None:
-    """Dequantise ``gguf`` into the folder ``out``: float32 safetensors plus tokenizer files."""
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+@contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """Within the block, every ``gguf.GGUFReader`` of the same file is one shared, parsed reader.
+
+    transformers' loader for Llama and Gemma GGUFs parses the file with a fresh ``gguf.GGUFReader`` for
+    the tokenizer, the config and the weights alike, and that parse walks the vocabulary one array
+    element at a time (about 13 s of Gemma's 262k tokens, scores and types on a contended core). The
+    reader is read-only once built, so one parse serves all three.
+    """
+    import gguf  # the ``bundled`` extra; imported here, so that loading a converted cache does not need it
+
+    original = gguf.GGUFReader
+    gguf.GGUFReader = functools.cache(original)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
+def _record_native_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """Make the tokenizer saved in ``folder`` load as a ``TokenizersBackend`` from ``tokenizer.json``.
+
+    The backend tokenizer (vocabulary, merges, normalizer, decoder, post-processor) is the same; the class
+    only changes how it is loaded. The class defaults that ``TokenizersBackend`` lacks are written out,
+    and so are the added tokens, which transformers would otherwise recover by parsing ``tokenizer.json``
+    in Python.
+    """
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config.update(
+        tokenizer_class="TokenizersBackend",
+        padding_side=tokenizer.padding_side,
+        truncation_side=tokenizer.truncation_side,
+        model_input_names=list(tokenizer.model_input_names),
+        added_tokens_decoder={
+            str(index): token.__getstate__() for index, token in tokenizer.added_tokens_decoder.items()
+        },
+    )
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _export(gguf_file: Path, out: Path) -> None:
+    """Dequantise ``gguf_file`` into the folder ``out``: float32 safetensors plus tokenizer files."""
+    folder, name = str(gguf_file.parent), gguf_file.name
+    with _gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config, dtype="float32")
     _forget_gguf_origin(model)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    _record_native_tokenizer(tokenizer, out)
 
 
 def convert(spec: BundledModel) -> Path:
