@@ -114,6 +114,25 @@ def test_inductor_compiled_decode_equals_eager(tiny_agents):
         assert compiled.token_ids == agent.decode(batch, gen).token_ids
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype, rel", [(torch.float32, 1e-3), (torch.bfloat16, 1e-1)])
+def test_compiled_steps_on_cuda_with_cuda_graphs(tiny_agents, dtype, rel):
+    """On CUDA, compile means mode reduce-overhead (CUDA graphs): thoughts close to eager in the same dtype
+    (fused kernels round differently, bfloat16 at ~4e-3 a step), and in float32 the same greedy tokens."""
+    agent = tiny_agents["llama"]
+    agent = dataclasses.replace(agent, model=copy.deepcopy(agent.model).to("cuda", dtype))
+    link = _link(agent).to("cuda")
+    batch = _batch(agent, QUESTIONS[:3])
+    gen = GenerationConfig(max_new_tokens=16)
+    compiled = _with(agent, StepConfig(compile=True))
+    with torch.no_grad():
+        eager, fast = agent.think(batch, 12, link), compiled.think(batch, 12, link)
+        tokens, eager_tokens = compiled.decode(batch, gen).token_ids, agent.decode(batch, gen).token_ids
+    assert_close_to_reference(fast.hidden.float(), eager.hidden.float(), rel)
+    if dtype == torch.float32:
+        assert tokens == eager_tokens
+
+
 def test_step_config_settings():
     assert [StepConfig(**kw).static for kw in ({}, {"static_cache": True}, {"compile": True})] == [0, 1, 1]
     assert [StepConfig(cache_bucket=16).cache_length(n) for n in (1, 16, 17)] == [16, 16, 32]
