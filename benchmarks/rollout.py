@@ -2,8 +2,13 @@
 raw transformers forward loop with a cache.
 
     python benchmarks/rollout.py [--steps 16 48 80] [--prompt-tokens 128] [--batch 1] [--repeats 3]
+                                 [--device cpu] [--dtype float32] [--static-cache | --compile]
 
-Writes benchmarks/results/rollout.json and prints a Markdown table.
+``--static-cache`` / ``--compile`` run ``Agent.think``'s steps over a static KV cache / compiled with
+``torch.compile`` (``StepConfig``); the re-encode reference and the raw loop stay eager over a dynamic
+cache, so "our overhead" then says what they gain. The warm-up call before each timing compiles.
+Writes benchmarks/results/rollout.json (``rollout-<device>-<dtype>-<eager|static|compile>.json`` for other
+settings) and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -12,13 +17,14 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from shapes import shaped_agent
 
-from recursivemas.agent import position_ids
+from recursivemas.agent import StepConfig, position_ids
 from recursivemas.cache import cache_kwargs, new_cache
 from recursivemas.links import InnerLink, LinkConfig
 
@@ -41,6 +47,13 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(wall_times(fn, repeats))
 
 
+def synced(fn, device: torch.device):
+    """``fn`` followed by waiting for the device, so wall times include queued GPU work."""
+    if device.type != "cuda":
+        return fn
+    return lambda: (fn(), torch.cuda.synchronize(device))
+
+
 def raw_loop(agent, batch, steps: int) -> None:
     """The least a cached latent rollout can do: transformers forward calls, hidden state fed back as-is."""
     backbone, cache = agent.backbone, new_cache(agent.model)
@@ -60,17 +73,26 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--shape", default="smollm2-shape")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    steps = parser.add_mutually_exclusive_group()
+    steps.add_argument("--static-cache", action="store_true", help="latent steps over a static KV cache")
+    steps.add_argument("--compile", action="store_true", help="static KV cache and torch.compile'd steps")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     agent = shaped_agent(args.shape, "agent")
-    link = InnerLink(LinkConfig("agent", "inner", agent.hidden_size, agent.hidden_size))
+    agent.model.to(device=args.device, dtype=getattr(torch, args.dtype))
+    agent.step_config = StepConfig(static_cache=args.static_cache, compile=args.compile)
+    link = InnerLink(LinkConfig("agent", "inner", agent.hidden_size, agent.hidden_size)).to(agent.device)
     ids = torch.randint(0, len(agent.tokenizer), (args.batch, args.prompt_tokens))
     batch = agent.encode([[agent.embed(row)] for row in ids])
     rows = []
     for m in args.steps:
-        cached = timed(lambda m=m: agent.think(batch, m, link), args.repeats)
-        reference = timed(lambda m=m: agent.think_reference(batch, m, link), args.repeats)
-        raw = timed(lambda m=m: raw_loop(agent, batch, m), args.repeats)
+        cached = timed(synced(lambda m=m: agent.think(batch, m, link), agent.device), args.repeats)
+        reference = timed(
+            synced(lambda m=m: agent.think_reference(batch, m, link), agent.device), args.repeats
+        )
+        raw = timed(synced(lambda m=m: raw_loop(agent, batch, m), agent.device), args.repeats)
         rows.append(
             {
                 "latent_steps": m,
@@ -81,23 +103,28 @@ def main() -> None:
                 "overhead_vs_raw": cached / raw - 1,
             }
         )
+    steps = "compile" if args.compile else "static" if args.static_cache else "eager"
     result = {
-        "command": "python benchmarks/rollout.py "
-        + " ".join(
-            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items()
-        ),
+        "command": " ".join(["python benchmarks/rollout.py", *sys.argv[1:]]),
         "shape": args.shape,
         "prompt_tokens": args.prompt_tokens,
         "batch": args.batch,
+        "device": str(agent.device),
+        "dtype": args.dtype,
+        "steps": steps,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "rows": rows,
     }
+    default = (agent.device.type, args.dtype, steps) == ("cpu", "float32", "eager")
+    name = "rollout" if default else f"rollout-{agent.device.type}-{args.dtype}-{steps}"
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "rollout.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"# Latent rollout, {args.shape}, prompt {args.prompt_tokens} tokens, batch {args.batch}\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"# Latent rollout, {args.shape}, prompt {args.prompt_tokens} tokens, batch {args.batch}, "
+        f"{args.dtype} on {agent.device}, {steps} steps\n"
+    )
     print("| m | KV-cached (s) | re-encode (s) | speed-up | raw HF loop (s) | our overhead |")
     print("|---|---|---|---|---|---|")
     for r in rows:
