@@ -108,9 +108,11 @@ class StepConfig:
             (rounded up to a multiple of ``cache_bucket``) instead of a growing ``DynamicCache``; each
             step's attention mask is built before its forward, as ``generate`` does with
             ``cache_implementation="static"``. Outputs equal the dynamic cache's up to float rounding.
-        compile: run each step's forward through ``torch.compile`` (transformers' ``get_compiled_call``);
-            implies ``static_cache``. The first calls compile (seconds on a GPU, up to minutes on a CPU);
-            a new batch size or cache length compiles again once, then shapes are dynamic.
+        compile: run each step's forward through ``torch.compile``, compiled once per module and settings
+            (as transformers' ``get_compiled_call``); implies ``static_cache``. The first calls compile
+            (seconds on a GPU, up to minutes on a CPU); a new model class, batch size or cache length
+            compiles again (after a second size, dynamo makes that dimension dynamic; batch 1 stays
+            its own graph).
         compile_mode: the ``torch.compile`` mode for the inductor backend; ``None``: ``"reduce-overhead"``
             (CUDA graphs) on CUDA, ``"default"`` elsewhere.
         compile_backend: ``"inductor"`` generates kernels; ``"aot_eager"`` traces the same graph and runs it
@@ -399,7 +401,7 @@ class Agent:
 
         Step k feeds ``e_{k-1} = R_in(h_{k-1})`` (the prompt for k = 1), takes the last-layer hidden
         state ``h_k`` at the last position and keeps ``e_k = R_in(h_k)``. Costs one prompt pass plus
-        ``steps - 1`` single-position passes.
+        ``steps - 1`` single-position passes (run as ``step_config`` says).
 
         Returns ``Thoughts`` with hidden (B, m, d) in the model dtype and embeds (B, m, d) in the link's
         dtype (float32 unless the link was cast).
