@@ -121,9 +121,11 @@ PRESETS: dict[str, Preset] = {
     "smollm2-gemma3-mixture": Preset(
         "smollm2-gemma3-mixture",
         "Mixture: math and science specialists (SmolLM2-135M-Instruct) and a code specialist (Gemma-3-270M) "
-        "think in parallel; a SmolLM2 summarizer reads all three and answers. Training-free links.",
+        "think in parallel; a SmolLM2 summarizer reads all three and answers. Ships trained links "
+        "(configs/mixture-{inner,outer}.yaml).",
         _MIXTURE_AGENTS,
-        _preset_builder(_MIXTURE_AGENTS, "mixture"),
+        _preset_builder(_MIXTURE_AGENTS, "mixture", WEIGHTS_DIR / "smollm2-gemma3-mixture"),
+        WEIGHTS_DIR / "smollm2-gemma3-mixture",
     ),
     "smollm2-gemma3-distillation": Preset(
         "smollm2-gemma3-distillation",
