@@ -24,7 +24,7 @@ from tqdm import tqdm
 from recursivemas.agent import GenerationConfig, StepConfig
 from recursivemas.distributed import cpu_processes_requested, launch_cpu_workers
 from recursivemas.errors import ConfigError, InputError, RecursiveMASError
-from recursivemas.loading import DTYPES, load_system
+from recursivemas.loading import DTYPE_CHOICES, load_system
 from recursivemas.models.bundled import BUNDLED, cache_problem, ensure_cached, model_dir
 from recursivemas.models.tiny import TINY_MODELS
 from recursivemas.presets import DEFAULT_PRESET, PRESETS
@@ -601,7 +601,12 @@ def _system_parser() -> argparse.ArgumentParser:
         help="re-encode the whole sequence at every latent step (reference path)",
     )
     parent.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parent.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parent.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="float32",
+        help="agent weights; int8: int8 weight-only transformer layers, the rest bfloat16 (CPU only)",
+    )
     parent.add_argument(
         "--compile",
         action="store_true",
@@ -660,7 +665,7 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
         help="keep the other modes of the report already in --output (same task and settings)",
     )
     ev.add_argument("--device", default="cpu")
-    ev.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    ev.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32")
 
 
 def _train_parsers(sub: argparse._SubParsersAction) -> None:

@@ -9,9 +9,14 @@ import torch
 
 from recursivemas.errors import ConfigError
 from recursivemas.presets import DEFAULT_PRESET, build_preset
+from recursivemas.quantize import check_int8_support, contiguous_lm_head_inputs, quantize_agents
 from recursivemas.system import RecursiveMAS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZED = {"int8": torch.bfloat16}
+"""Quantised ``--dtype`` names -> the dtype agents load in before their Linear layers are quantised."""
+DTYPE_CHOICES = sorted([*DTYPES, *QUANTIZED])
+"""Every ``--dtype`` value ``load_system`` takes."""
 
 
 def resolve_device(device: str) -> str:
@@ -50,7 +55,11 @@ def load_system(
         raise ConfigError("give either --preset or --checkpoint, not both")
     if checkpoint and init:
         raise ConfigError("--init applies to presets; a checkpoint brings its own links")
-    dtype, device = DTYPES[dtype_name], resolve_device(device)
+    if dtype_name not in DTYPE_CHOICES:
+        raise ConfigError(f"unknown --dtype {dtype_name!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+    if dtype_name in QUANTIZED:
+        check_int8_support()  # before loading anything
+    dtype, device = {**DTYPES, **QUANTIZED}[dtype_name], resolve_device(device)
     source = f"checkpoint {checkpoint}" if checkpoint else f"preset {preset or DEFAULT_PRESET}"
     print(f"recursivemas: loading {source} ({dtype_name} on {device})...", file=sys.stderr, flush=True)
     start = time.perf_counter()
@@ -58,5 +67,8 @@ def load_system(
         system = RecursiveMAS.from_pretrained(checkpoint, dtype=dtype, device=device, allow_hub=allow_hub)
     else:
         system = build_preset(preset or DEFAULT_PRESET, dtype=dtype, device=device, init=init)
+    if dtype_name in QUANTIZED:
+        system = quantize_agents(system)
+    system = contiguous_lm_head_inputs(system)
     print(f"recursivemas: loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
     return system

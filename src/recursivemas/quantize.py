@@ -1,0 +1,123 @@
+"""Int8 weight-only quantisation of the agents' transformer layers (``--dtype int8``), for CPUs.
+
+Every ``nn.Linear`` inside an agent's backbone (the attention and MLP projections) becomes an
+``Int8Linear``: its weight rounded to int8 with one bfloat16 scale per output channel. Up to
+``INT8_MAX_ROWS`` input rows (the one-position steps of batches of up to 8) are multiplied by PyTorch's
+own int8 weight-only kernel (``torch._weight_int8pack_mm``, the one gpt-fast uses) with bfloat16
+activations; more rows by the dequantised bfloat16 weight. The agents are loaded in bfloat16 first, so
+embeddings, norms and the LM head are bfloat16; links stay float32, as with ``--dtype bfloat16``.
+Fingerprints are taken before quantising (they are cached), so checkpoints and shipped links still match.
+
+torchao's ``Int8WeightOnlyConfig`` (0.18) and torch's ``quantize_dynamic`` were measured first: the former
+is slower than float32 on these CPUs, eager or compiled; the latter (int8 activations too) is fast but
+breaks the default preset's answers (``benchmarks/results/RESULTS.md``, dtype and quantisation).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from recursivemas.errors import ConfigError
+from recursivemas.system import RecursiveMAS
+
+INT8_KERNEL = "_weight_int8pack_mm"
+INT8_MAX_ROWS = 8
+"""Inputs with more rows (a prompt pass, a large batch) multiply by the dequantised bfloat16 weight instead:
+the int8 kernel is a matrix-vector loop whose time grows with the rows, bfloat16 GEMMs use AMX/AVX512-BF16
+(measured on these CPUs: int8 wins up to 8 rows, bfloat16 from 16)."""
+
+
+class Int8Linear(nn.Module):
+    """A frozen ``nn.Linear`` with int8 weights (symmetric, per output channel) and bfloat16 activations."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("qweight", (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales.to(torch.bfloat16))
+        bias = linear.bias.detach().to(torch.bfloat16) if linear.bias is not None else None
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., out), computed in bfloat16 whatever ``x``'s dtype."""
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if flat.shape[0] <= INT8_MAX_ROWS:
+            out = torch._weight_int8pack_mm(flat, self.qweight, self.scales)
+        else:
+            out = flat @ (self.qweight.to(torch.bfloat16) * self.scales[:, None]).T
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """(out, in) float32 weight this layer multiplies by."""
+        return self.qweight.float() * self.scales.float()[:, None]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
+
+
+def check_int8_support() -> None:
+    """Raise a ``ConfigError`` saying what to install if this torch lacks the int8 weight-only kernel."""
+    if not hasattr(torch, INT8_KERNEL):
+        raise ConfigError(
+            f"--dtype int8 needs PyTorch's int8 weight-only kernel (torch.{INT8_KERNEL}, torch >= 2.3); "
+            f"this is torch {torch.__version__}: install a newer torch (this project uses torch==2.13.0) "
+            "or use --dtype bfloat16 / float32"
+        )
+
+
+def quantize_module(module: nn.Module) -> int:
+    """Replace every ``nn.Linear`` under ``module`` with an ``Int8Linear`` in place; return how many."""
+    count = 0
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, Int8Linear(child))
+            count += 1
+        else:
+            count += quantize_module(child)
+    return count
+
+
+def quantize_agents(system: RecursiveMAS) -> RecursiveMAS:
+    """Quantise every agent's backbone Linear layers to int8 weight-only in place; return ``system``.
+
+    The agents must be bfloat16 and on the CPU; a model shared by several agents is quantised once.
+    """
+    check_int8_support()
+    agents = list(system.agents.values())
+    if any(agent.device.type != "cpu" for agent in agents):
+        raise ConfigError("--dtype int8 runs on the CPU only; use --device cpu (or bfloat16 on a GPU)")
+    if any(agent.dtype != torch.bfloat16 for agent in agents):
+        raise ConfigError("--dtype int8 quantises bfloat16 agents; load them with dtype bfloat16 first")
+    done: set[int] = set()
+    for agent in agents:
+        agent.fingerprint()  # cached before the weights change
+        if id(agent.backbone) not in done:
+            done.add(id(agent.backbone))
+            quantize_module(agent.backbone)
+    return system
+
+
+def contiguous_lm_head_inputs(system: RecursiveMAS) -> RecursiveMAS:
+    """Make every agent's LM head read a contiguous input; return ``system``.
+
+    transformers slices the last position (``logits_to_keep=1``) as a strided view; ``F.linear`` on a
+    strided (B, 1, d) bfloat16 input expands the (V, d) weight to (B, d, V) and copies it (15 s for Gemma-3's
+    262k-row head at batch 8 on these CPUs, against 0.06 s contiguous; float32 takes twice as long
+    strided). The hook copies the (B, 1, d) input instead.
+    """
+    heads = {id(h): h for h in (a.model.get_output_embeddings() for a in system.agents.values()) if h}
+    for head in heads.values():
+        if not getattr(head, "_contiguous_inputs", False):
+            head.register_forward_pre_hook(_contiguous_args)
+            head._contiguous_inputs = True
+    return system
+
+
+def _contiguous_args(module: nn.Module, args: tuple) -> tuple:
+    """A forward pre-hook: the positional tensor arguments made contiguous."""
+    return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)

@@ -1,0 +1,95 @@
+"""``--dtype int8``: int8 weight-only agents (``recursivemas.quantize``) and the LM-head input hook."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from recursivemas import quantize
+from recursivemas.agent import GenerationConfig
+from recursivemas.cli import main
+from recursivemas.errors import ConfigError
+from recursivemas.loading import load_system
+from recursivemas.quantize import INT8_MAX_ROWS, Int8Linear, quantize_module
+
+QUESTIONS = ["What is 12 plus 30?", "If x + 7 = 19, what is x?"]
+
+
+@pytest.fixture(scope="module")
+def int8_system():
+    return load_system("tiny-random", None, "int8", "cpu")
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("rows", [1, INT8_MAX_ROWS, INT8_MAX_ROWS + 1, 40])
+def test_int8_linear_is_close_to_the_linear_on_both_paths(rows):
+    linear = nn.Linear(96, 80, bias=True)
+    x = torch.randn(rows, 3, 96) if rows > INT8_MAX_ROWS else torch.randn(rows, 96)
+    out = Int8Linear(linear)(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (*x.shape[:-1], 80)
+    assert _relative_error(out, linear(x)) < 0.02
+    assert _relative_error(Int8Linear(linear).dequantized(), linear.weight) < 0.01
+
+
+def test_quantize_module_replaces_every_linear():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 4), nn.LayerNorm(4)))
+    assert quantize_module(model) == 2
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+
+
+def test_int8_system_quantises_backbones_and_keeps_links_float32(int8_system):
+    reference = load_system("tiny-random", None, "float32", "cpu")
+    for name, agent in int8_system.agents.items():
+        assert agent.dtype == torch.bfloat16
+        assert not any(isinstance(m, nn.Linear) for m in agent.backbone.modules())
+        assert any(isinstance(m, Int8Linear) for m in agent.backbone.modules())
+        assert isinstance(agent.model.get_output_embeddings(), nn.Linear)  # the LM head is not quantised
+        assert agent.fingerprint() == reference.agents[name].fingerprint()
+    assert {p.dtype for p in int8_system.links.parameters()} == {torch.float32}
+
+
+def test_int8_greedy_tokens_follow_bfloat16(int8_system):
+    """Int8 weights change the tiny models' outputs by about a percent: the greedy answers of most rows
+    match bfloat16's (random tiny models have near-tied logits, so not all)."""
+    bf16 = load_system("tiny-random", None, "bfloat16", "cpu")
+    gen = GenerationConfig(max_new_tokens=6)
+    with torch.inference_mode():
+        ours = int8_system.run(QUESTIONS, generation=gen, rounds=1, latent_steps=3)
+        theirs = bf16.run(QUESTIONS, generation=gen, rounds=1, latent_steps=3)
+    first = [r.text.split()[:1] for r in ours]
+    assert first == [r.text.split()[:1] for r in theirs]
+
+
+def test_missing_kernel_is_a_clear_error(monkeypatch):
+    monkeypatch.delattr(torch, quantize.INT8_KERNEL)
+    with pytest.raises(ConfigError, match=r"int8 weight-only kernel.*install"):
+        load_system("tiny-random", None, "int8", "cpu")
+
+
+def test_int8_needs_bfloat16_agents_on_the_cpu():
+    with pytest.raises(ConfigError, match="bfloat16 agents"):
+        quantize.quantize_agents(load_system("tiny-random", None, "float32", "cpu"))
+    with pytest.raises(ConfigError, match="unknown --dtype"):
+        load_system("tiny-random", None, "int4", "cpu")
+
+
+def test_lm_head_reads_contiguous_inputs(int8_system):
+    head = next(iter(int8_system.agents.values())).model.get_output_embeddings()
+    x = torch.randn(2, 5, head.in_features, dtype=head.weight.dtype)[:, -1:]
+    seen = []
+    handle = head.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    try:
+        assert torch.equal(head(x), nn.functional.linear(x.contiguous(), head.weight, head.bias))
+    finally:
+        handle.remove()
+    assert seen == [True]
+
+
+def test_cli_runs_with_dtype_int8(capsys):
+    args = ["run", "--preset", "tiny-random", "What is 2+2?", "--dtype", "int8", "--rounds", "1"]
+    assert main([*args, "--latent-steps", "2", "--max-new-tokens", "3"]) == 0
+    assert "int8" in capsys.readouterr().err
