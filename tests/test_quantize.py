@@ -77,16 +77,18 @@ def test_int8_needs_bfloat16_agents_on_the_cpu():
         load_system("tiny-random", None, "int4", "cpu")
 
 
-def test_lm_head_reads_contiguous_inputs(int8_system):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_lm_head_reads_row_major_inputs(int8_system, batch):
+    """The last position of a (B, T, d) batch, as transformers slices it, reaches the head row-major."""
     head = next(iter(int8_system.agents.values())).model.get_output_embeddings()
-    x = torch.randn(2, 5, head.in_features, dtype=head.weight.dtype)[:, -1:]
+    x = torch.randn(batch, 5, head.in_features, dtype=head.weight.dtype)[:, -1:]
     seen = []
-    handle = head.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    handle = head.register_forward_pre_hook(lambda m, args: seen.append(args[0].stride()))
     try:
         assert torch.equal(head(x), nn.functional.linear(x.contiguous(), head.weight, head.bias))
     finally:
         handle.remove()
-    assert seen == [True]
+    assert seen == [(head.in_features, head.in_features, 1)]
 
 
 def test_cli_runs_with_dtype_int8(capsys):
