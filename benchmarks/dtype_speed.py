@@ -1,0 +1,165 @@
+"""The default preset's end-to-end latent answer in float32, bfloat16 and int8 weight-only (issue 13 goal 2).
+
+    OMP_NUM_THREADS=1 python benchmarks/dtype_speed.py [--dtypes float32 bfloat16 int8] [--repeats 3]
+                                                       [--questions 100] [--max-new-tokens 32]
+
+Systems come from ``load_system`` as ``recursivemas run --dtype D`` builds them (the default preset, its
+trained links, its rounds and latent steps; links float32 in every case), on one thread.
+
+Speed: the first 1 and 8 questions of the relay task (level 1, held-out rows, ``eval --task relay:1``),
+greedy, ``--max-new-tokens`` tokens at most, timed per ``RecursiveMAS.run`` call. The dtypes run
+interleaved in ``--repeats`` rounds after a warm-up round, so their ratios to float32 come from calls
+seconds apart; figures are medians. Memory: the peak resident set (``VmHWM``; ``ru_maxrss`` would
+carry the parent's over ``exec``) of a fresh process per
+dtype that loads the system and answers one batch of 8. Agreement: every dtype answers ``--questions``
+relay questions in batches of 16; the share of final texts and of extracted answers identical to
+float32's, and each dtype's strict relay accuracy (Wilson 95% interval). Writes
+``results/dtype_speed.json`` and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from recursivemas.agent import GenerationConfig
+from recursivemas.eval.harness import wilson_interval
+from recursivemas.eval.tasks import Task, load_task
+from recursivemas.loading import DTYPE_CHOICES, load_system
+from recursivemas.system import RecursiveMAS
+
+RESULTS = Path(__file__).parent / "results"
+BATCHES = (1, 8)
+AGREEMENT_BATCH = 16
+
+
+def inputs(task: Task, n: int) -> list[dict]:
+    return [{"question": ex.question, "context": ex.context} for ex in task.examples[:n]]
+
+
+def timed_run(system: RecursiveMAS, rows: list[dict], gen: GenerationConfig) -> float:
+    """Seconds of one latent run of ``rows`` as one batch."""
+    start = time.perf_counter()
+    system.run(rows, generation=gen, batch_size=len(rows))
+    return time.perf_counter() - start
+
+
+def speed(systems: dict[str, RecursiveMAS], task: Task, gen: GenerationConfig, repeats: int) -> dict:
+    """{dtype: {batch: [seconds per repeat]}}, dtypes interleaved, after one untimed round."""
+    times: dict[str, dict[int, list[float]]] = {d: {b: [] for b in BATCHES} for d in systems}
+    for round_ in range(repeats + 1):
+        for b in BATCHES:
+            for name, system in systems.items():
+                seconds = timed_run(system, inputs(task, b), gen)
+                if round_:
+                    times[name][b].append(seconds)
+                print(f"round {round_} batch {b} {name}: {seconds:.2f} s", file=sys.stderr, flush=True)
+    return times
+
+
+def answers(system: RecursiveMAS, task: Task, n: int, gen: GenerationConfig) -> list[dict]:
+    """Text, extracted answer and strict correctness of the first ``n`` questions."""
+    results = system.run(inputs(task, n), generation=gen, batch_size=AGREEMENT_BATCH)
+    rows = []
+    for ex, result in zip(task.examples[:n], results, strict=True):
+        score = task.score(ex, result.text)
+        rows.append({"text": result.text, "extracted": score.extracted, "correct": score.correct})
+    return rows
+
+
+def peak_rss_mib(dtype: str, max_new_tokens: int) -> float:
+    """Peak resident MiB of a fresh process that loads the system in ``dtype`` and answers 8 questions."""
+    code = (
+        "import re, torch; torch.set_num_threads(1)\n"
+        "from recursivemas.agent import GenerationConfig\n"
+        "from recursivemas.eval.tasks import load_task\n"
+        "from recursivemas.loading import load_system\n"
+        f"s = load_system(None, None, {dtype!r}, 'cpu')\n"
+        "t = load_task('relay:1', limit=8)\n"
+        "rows = [{'question': e.question, 'context': e.context} for e in t.examples]\n"
+        f"s.run(rows, generation=GenerationConfig(max_new_tokens={max_new_tokens}), batch_size=8)\n"
+        "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1]) / 1024
+
+
+def agreement(rows: list[dict], reference: list[dict]) -> dict:
+    """Identical texts and extracted answers (% of questions) and accuracy with its 95% interval."""
+    n = len(rows)
+    correct = sum(r["correct"] for r in rows)
+    low, high = wilson_interval(correct, n)
+    return {
+        "same_text_pct": 100 * sum(r["text"] == f["text"] for r, f in zip(rows, reference, strict=True)) / n,
+        "same_answer_pct": 100
+        * sum(r["extracted"] == f["extracted"] for r, f in zip(rows, reference, strict=True))
+        / n,
+        "accuracy_pct": 100 * correct / n,
+        "accuracy_ci95": [100 * low, 100 * high],
+    }
+
+
+def table(report: dict) -> str:
+    lines = [
+        "| dtype | batch 1: s (x vs float32) | batch 8: s (x vs float32) | peak RSS MiB | same text | "
+        "same answer | relay:1 accuracy (95% CI) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in report["dtypes"].items():
+        cells = [f"{row['median_s'][str(b)]:.2f} (x{row['speedup'][str(b)]:.2f})" for b in BATCHES]
+        agree = row["agreement"]
+        low, high = agree["accuracy_ci95"]
+        lines.append(
+            f"| {name} | {' | '.join(cells)} | {row['peak_rss_mib']:.0f} | {agree['same_text_pct']:.0f}% | "
+            f"{agree['same_answer_pct']:.0f}% | {agree['accuracy_pct']:.0f}% ({low:.0f}-{high:.0f}) |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "int8"], choices=DTYPE_CHOICES)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--questions", type=int, default=100)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--output", type=Path, default=RESULTS / "dtype_speed.json")
+    args = parser.parse_args()
+    if args.dtypes[0] != "float32":
+        parser.error("the first --dtypes entry must be float32 (the reference)")
+    torch.set_num_threads(1)
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    task = load_task("relay:1", limit=args.questions)
+    systems = {d: load_system(None, None, d, "cpu") for d in args.dtypes}
+    with torch.inference_mode():
+        times = speed(systems, task, gen, args.repeats)
+        outputs = {d: answers(s, task, args.questions, gen) for d, s in systems.items()}
+    del systems
+    report = {
+        "settings": {**vars(args), "output": str(args.output), "threads": 1, "torch": torch.__version__},
+        "dtypes": {},
+    }
+    base = {b: statistics.median(times["float32"][b]) for b in BATCHES}
+    for name in args.dtypes:
+        medians = {b: statistics.median(times[name][b]) for b in BATCHES}
+        report["dtypes"][name] = {
+            "times_s": {str(b): times[name][b] for b in BATCHES},
+            "median_s": {str(b): medians[b] for b in BATCHES},
+            "speedup": {str(b): base[b] / medians[b] for b in BATCHES},
+            "peak_rss_mib": peak_rss_mib(name, args.max_new_tokens),
+            "agreement": agreement(outputs[name], outputs["float32"]),
+            "answers": outputs[name],
+        }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=1))
+    print(table(report))
+
+
+if __name__ == "__main__":
+    main()
