@@ -9,7 +9,7 @@ import torch
 
 from recursivemas.errors import ConfigError
 from recursivemas.presets import DEFAULT_PRESET, build_preset
-from recursivemas.quantize import check_int8_support, contiguous_lm_head_inputs, quantize_agents
+from recursivemas.quantize import check_int8_support, quantize_agents
 from recursivemas.system import RecursiveMAS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,6 +69,5 @@ def load_system(
         system = build_preset(preset or DEFAULT_PRESET, dtype=dtype, device=device, init=init)
     if dtype_name in QUANTIZED:
         system = quantize_agents(system)
-    system = contiguous_lm_head_inputs(system)
     print(f"recursivemas: loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
     return system

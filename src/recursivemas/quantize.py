@@ -100,30 +100,3 @@ def quantize_agents(system: RecursiveMAS) -> RecursiveMAS:
             done.add(id(agent.backbone))
             quantize_module(agent.backbone)
     return system
-
-
-def contiguous_lm_head_inputs(system: RecursiveMAS) -> RecursiveMAS:
-    """Make every agent's LM head read a contiguous input; return ``system``.
-
-    transformers slices the last position (``logits_to_keep=1``) as a strided view; ``F.linear`` on a
-    strided (B, 1, d) bfloat16 input expands the (V, d) weight to (B, d, V) and copies it (15 s for Gemma-3's
-    262k-row head at batch 8 on these CPUs, against 0.06 s row-major; float32 takes twice as long
-    strided). The hook copies the (B, 1, d) input to row-major strides instead.
-    """
-    heads = {id(h): h for h in (a.model.get_output_embeddings() for a in system.agents.values()) if h}
-    for head in heads.values():
-        if not getattr(head, "_contiguous_inputs", False):
-            head.register_forward_pre_hook(_contiguous_args)
-            head._contiguous_inputs = True
-    return system
-
-
-def _contiguous_args(module: nn.Module, args: tuple) -> tuple:
-    """A forward pre-hook: the positional tensor arguments copied to row-major strides.
-
-    ``contiguous()`` is not enough: a (1, 1, d) slice counts as contiguous whatever its batch stride, and
-    ``F.linear`` still takes the copying path for it.
-    """
-    return tuple(
-        a.clone(memory_format=torch.contiguous_format) if isinstance(a, torch.Tensor) else a for a in args
-    )
