@@ -1,4 +1,4 @@
-"""``--dtype int8``: int8 weight-only agents (``recursivemas.quantize``) and the agents' LM-head input hook."""
+"""``--dtype int8``: int8 weight-only agents (``recursivemas.quantize``) and the LM-head input hook."""
 
 from __future__ import annotations
 
