@@ -9,7 +9,7 @@ import torch
 from recursivemas.agent import GenerationConfig
 from recursivemas.errors import ConfigError
 from recursivemas.train.data import TrainRow
-from recursivemas.train.objectives import AlignObjective, InnerObjective, target_ids
+from recursivemas.train.objectives import AlignObjective, InnerObjective, UnrolledObjective, target_ids
 from recursivemas.train.trainer import build_system, select_trainable
 
 ROWS = [
@@ -73,6 +73,17 @@ def test_only_the_named_links_learn(system):
     named = select_trainable(system, "outer", "links", ["critic->solver"])
     assert named and all(n.startswith("links.outer.critic->solver.") for n in named)
     assert not any(p.requires_grad for p in system.links["outer"]["planner->critic"].parameters())
+
+
+def test_an_outer_stage_can_fine_tune_an_inner_link_through_its_rollout(system, make_config):
+    named = select_trainable(system, "outer", "links", ["critic", "critic->solver"])
+    inner = {n for n in named if n.startswith("links.inner.critic.")}
+    assert inner and inner | {n for n in named if n.startswith("links.outer.critic->solver.")} == set(named)
+    assert not any(p.requires_grad for p in system.links["inner"]["planner"].parameters())
+    objective = UnrolledObjective(system, make_config(system={"rounds": 1}))
+    objective.loss(ROWS, keys=[0, 1]).loss.backward()
+    grads = [named[n].grad for n in inner]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
 
 
 def test_unknown_link_name_is_a_clear_error(system):

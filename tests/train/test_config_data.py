@@ -13,6 +13,7 @@ import pytest
 
 from recursivemas.cli import main
 from recursivemas.errors import ConfigError, InputError
+from recursivemas.eval.relay import NAMES, TRAIN_NAMES
 from recursivemas.eval.tasks import load_task
 from recursivemas.train.config import DataSection, HoldoutSpec, SourceSpec, TrainConfig
 from recursivemas.train.data import build_splits, file_rows, hub_rows, parse_row
@@ -156,6 +157,25 @@ def test_validation_shares_sum_to_the_request():
         sources=[SourceSpec(kind="relay", level=1, n=5), SourceSpec(kind="relay", level=2, n=5)], validation=1
     )
     assert len(build_splits(data).validation) == 1
+
+
+def test_disjoint_relay_names_never_use_the_evaluations_names():
+    """Held-out level-2 evaluation rows cover all 26 evaluation names, so with ``data.holdout`` a shared
+    pool leaves almost no name rows to train on; the disjoint pool trains names the evaluation never asks."""
+    holdout = [HoldoutSpec(task="relay:2", limit=100)]
+    shared = DataSection(sources=[SourceSpec(kind="relay", level=2, n=200)], validation=0, holdout=holdout)
+    disjoint = shared.model_copy(
+        update={"sources": [SourceSpec(kind="relay", level=2, n=200, names="disjoint")]}
+    )
+
+    def names(data: DataSection) -> list[str]:
+        return [r.answer for r in build_splits(data).train if not r.answer.isdigit()]
+
+    assert len(names(shared)) < 10
+    trained = names(disjoint)
+    assert len(trained) > 60 and set(trained) <= set(TRAIN_NAMES) and not set(trained) & set(NAMES)
+    with pytest.raises(ConfigError, match="names"):
+        TrainConfig.from_dict({"data": {"sources": [{"kind": "relay", "n": 1, "names": "mine"}]}})
 
 
 def test_file_split_holds_out_the_tail(tmp_path):

@@ -47,27 +47,151 @@ NAMES = [
     "Yusuf",
     "Zoe",
 ]
+# Level-2 names for training rows only (``relay`` sources with ``names: disjoint``): none is in ``NAMES``,
+# so an evaluation on ``NAMES`` measures whether a link passes on names it never saw.
+TRAIN_NAMES = [
+    "Aaron",
+    "Abdul",
+    "Ada",
+    "Adrian",
+    "Agnes",
+    "Aiko",
+    "Alan",
+    "Alma",
+    "Amara",
+    "Amir",
+    "Anders",
+    "Andrea",
+    "Anika",
+    "Anton",
+    "Arjun",
+    "Astrid",
+    "Ayla",
+    "Beatrix",
+    "Ben",
+    "Bianca",
+    "Boris",
+    "Carla",
+    "Carlos",
+    "Cecile",
+    "Chen",
+    "Clara",
+    "Colin",
+    "Dalia",
+    "Daniel",
+    "Dario",
+    "Dina",
+    "Duncan",
+    "Edgar",
+    "Elif",
+    "Emil",
+    "Emma",
+    "Enzo",
+    "Erik",
+    "Esther",
+    "Fatima",
+    "Felix",
+    "Fiona",
+    "Frida",
+    "Gabriel",
+    "Gemma",
+    "Gideon",
+    "Gloria",
+    "Hana",
+    "Hannah",
+    "Harvey",
+    "Hector",
+    "Helga",
+    "Ida",
+    "Igor",
+    "Ilse",
+    "Ivan",
+    "Jade",
+    "Jamal",
+    "Jana",
+    "Javier",
+    "Jin",
+    "Joel",
+    "Julia",
+    "Kai",
+    "Karim",
+    "Karl",
+    "Kate",
+    "Kenji",
+    "Kira",
+    "Lara",
+    "Lars",
+    "Leon",
+    "Lina",
+    "Lucas",
+    "Luna",
+    "Malik",
+    "Maria",
+    "Marco",
+    "Maya",
+    "Milo",
+    "Mira",
+    "Nadia",
+    "Naomi",
+    "Nils",
+    "Nina",
+    "Noah",
+    "Nora",
+    "Omar",
+    "Oscar",
+    "Otto",
+    "Paula",
+    "Petra",
+    "Priya",
+    "Rafael",
+    "Rania",
+    "Ravi",
+    "Rita",
+    "Ruben",
+    "Sara",
+    "Selma",
+    "Simon",
+    "Sofia",
+    "Stefan",
+    "Tariq",
+    "Tessa",
+    "Theo",
+    "Tomas",
+    "Ulla",
+    "Uma",
+    "Victor",
+    "Viktor",
+    "Wendy",
+    "Wilhelm",
+    "Yara",
+    "Yuki",
+    "Zainab",
+    "Zara",
+]
 LEVELS = (1, 2, 3)
 SENDER = "planner"  # rows built without a system (the sequential and pair patterns' first agent)
 
 
-def relay_fact(rng: random.Random, level: int) -> tuple[str, str]:
-    """(kind of fact, value) for one example."""
+def relay_fact(rng: random.Random, level: int, names: list[str] = NAMES) -> tuple[str, str]:
+    """(kind of fact, value) for one example; level-2 names are drawn from ``names``."""
     if level == 1:
         return "number", str(rng.randint(10, 99))
     if level == 2:
-        return ("number", str(rng.randint(1000, 9999))) if rng.random() < 0.5 else ("name", rng.choice(NAMES))
+        return ("number", str(rng.randint(1000, 9999))) if rng.random() < 0.5 else ("name", rng.choice(names))
     if level == 3:
         return "code", "".join(rng.choice(string.ascii_uppercase + string.digits) for _ in range(6))
     raise ConfigError(f"relay level must be one of {LEVELS}, got {level}")
 
 
-def relay_rows(n: int, seed: int, level: int = 1, sender: str = SENDER) -> list[dict]:
-    """``n`` rows ``{question, answer, type, context}``; the same (n, seed, level) gives the same rows."""
+def relay_rows(
+    n: int, seed: int, level: int = 1, sender: str = SENDER, names: list[str] = NAMES
+) -> list[dict]:
+    """``n`` rows ``{question, answer, type, context}``; the same (n, seed, level, names) gives the same
+    rows."""
     rng = random.Random(f"relay:{seed}:{level}")
     rows = []
     for _ in range(n):
-        kind, value = relay_fact(rng, level)
+        kind, value = relay_fact(rng, level, names)
         rows.append(
             {
                 "question": f"Your teammate was told a secret {kind}. What is the secret {kind}? "

@@ -88,7 +88,9 @@ class SourceSpec(_Section):
     * ``hub``: a HuggingFace dataset id at ``path`` (needs ``datasets`` and a reachable hub), with
       ``split`` and optional ``subset``; ``fields`` renames columns to question/answer/plan/refined_plan;
     * ``reasoning-gym``: ``n`` procedural rows of task ``name`` (never ``gsm_symbolic``);
-    * ``relay``: ``n`` relay rows of ``level`` 1-3 (the evaluation's information-carrying task).
+    * ``relay``: ``n`` relay rows of ``level`` 1-3 (the evaluation's information-carrying task); with
+      ``names: disjoint`` level-2 names come from a training pool that shares no name with the
+      evaluation's, so the evaluation's names stay unseen (``shared``: the evaluation's 26 names).
     """
 
     kind: Literal["file", "hub", "reasoning-gym", "relay"]
@@ -99,6 +101,7 @@ class SourceSpec(_Section):
     fields: dict[str, str] = Field(default_factory=dict)
     n: int = Field(default=0, ge=0)
     level: int = Field(default=1, ge=1, le=3)
+    names: Literal["shared", "disjoint"] = "shared"
     sender: str | None = Field(
         default=None, description="relay: the agent told the fact (default: the system's first agent)"
     )

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recursivemas.errors import ConfigError, InputError
-from recursivemas.eval.relay import SENDER, relay_rows
+from recursivemas.eval.relay import NAMES, SENDER, TRAIN_NAMES, relay_rows
 from recursivemas.eval.tasks import BOXED_SUFFIX, gym_dataset, load_task, read_rows
 from recursivemas.fileio import atomic_write, sha256_file
 from recursivemas.train.config import DataSection, SourceSpec
@@ -141,8 +141,11 @@ def gym_rows(spec: str, n: int, seed: int) -> list[TrainRow]:
     return [TrainRow(e["question"] + BOXED_SUFFIX, str(e["answer"])) for e in gym_dataset(spec, n, seed)]
 
 
-def relay_train_rows(n: int, seed: int, level: int, sender: str = SENDER) -> list[TrainRow]:
-    rows = relay_rows(n, seed, level, sender)
+def relay_train_rows(
+    n: int, seed: int, level: int, sender: str = SENDER, names: str = "shared"
+) -> list[TrainRow]:
+    """Relay rows as training rows; ``names="disjoint"`` draws level-2 names from ``TRAIN_NAMES``."""
+    rows = relay_rows(n, seed, level, sender, TRAIN_NAMES if names == "disjoint" else NAMES)
     return [parse_row(r, f"relay row {i + 1}") for i, r in enumerate(rows)]
 
 
@@ -157,7 +160,7 @@ def source_rows(spec: SourceSpec, seed: int, n: int | None = None, sender: str =
     elif spec.kind == "reasoning-gym":
         rows = gym_rows(spec.name or "", count, seed)
     else:
-        rows = relay_train_rows(count, seed, spec.level, spec.sender or sender)
+        rows = relay_train_rows(count, seed, spec.level, spec.sender or sender, spec.names)
     if spec.answer_format is None:
         return rows
     return [dataclasses.replace(r, answer_format=spec.answer_format) for r in rows]

@@ -113,19 +113,28 @@ def select_trainable(
     """Turn gradients on for the stage's links (only those named in ``links`` if given; and, for
     ``full``, every agent weight); off elsewhere.
 
-    Returns the trainable tensors by a stable name (``links.inner.planner.proj1.weight``,
-    ``agents.planner.model.layers.0...``); a model shared by several agents is listed once.
+    An outer stage may also name inner links (by agent, e.g. ``['critic', 'critic->solver']``): the
+    answer loss then reaches that agent's inner link through its unrolled latent rollout, so its
+    thoughts learn to keep what the receiver needs. Returns the trainable tensors by a stable name
+    (``links.inner.planner.proj1.weight``, ``agents.planner.model.layers.0...``); a model shared by
+    several agents is listed once.
     """
     system.links.requires_grad_(False)
-    group = system.links[stage]
-    unknown = sorted(set(links or ()) - set(group))
+    groups = [stage, "inner"] if stage == "outer" else [stage]
+    known = {n: g for g in groups for n in system.links[g]}  # link name -> its group
+    unknown = sorted(set(links or ()) - set(known))
     if unknown:
+        extra = f" or inner links {list(system.links['inner'])}" if stage == "outer" else ""
         raise ConfigError(
             f"optim.links names {unknown}, which are not {stage} links of this system; "
-            f"choose among {list(group)}"
+            f"choose among {list(system.links[stage])}{extra}"
         )
-    chosen = [n for n in group if links is None or n in links]
-    named = {f"links.{stage}.{n}.{k}": p for n in chosen for k, p in group[n].named_parameters()}
+    chosen = links if links is not None else list(system.links[stage])
+    named = {
+        f"links.{known[n]}.{n}.{k}": p
+        for n in chosen
+        for k, p in system.links[known[n]][n].named_parameters()
+    }
     if trainable == "full":
         for name, model in system.models().items():
             named |= {f"agents.{name}.{n}": p for n, p in model.named_parameters()}
