@@ -1,15 +1,22 @@
-"""``recursivemas run``: the JSON Lines contract, human output, and clear errors for bad input."""
+"""``recursivemas run``: the JSON Lines contract, human output, and clear errors for bad input; the system
+every command loads (``--dtype``, ``--compile``)."""
 
+import argparse
 import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from recursivemas import build_preset
+import recursivemas.serve
+from recursivemas import RecursiveMAS, build_preset, cli
 from recursivemas.cli import main
+from recursivemas.eval import run as eval_run
+from recursivemas.loading import DTYPE_CHOICES, load_system
+from recursivemas.quantize import Int8Linear
 
 FAST = ["--rounds", "2", "--latent-steps", "4", "--max-new-tokens", "6"]
 
@@ -200,3 +207,62 @@ def test_unknown_preset_lists_valid_ones(capsys):
         main(["run", "hi", "--preset", "nope"])
     assert exit_info.value.code == 2
     assert "smollm2-gemma3" in capsys.readouterr().err
+
+
+# --- the system each command loads: --dtype and --compile ----------------------------------------------
+
+
+LOADING_COMMANDS = ["run", "chat", "demo", "eval", "serve"]
+
+
+class Loaded(Exception):
+    """Carries the system a command loaded out of the command, which stops there."""
+
+    def __init__(self, system: RecursiveMAS) -> None:
+        super().__init__("loaded")
+        self.system = system
+
+
+def loaded_by(monkeypatch: pytest.MonkeyPatch, *argv: str) -> RecursiveMAS:
+    """The system ``recursivemas ARGV`` loads, as the command gets it, before anything runs on it; for
+    ``serve``, the system its server's load factory returns (no server starts)."""
+
+    def load(*args: object, **kwargs: object) -> RecursiveMAS:
+        raise Loaded(load_system(*args, **kwargs))
+
+    for module in (cli, eval_run, recursivemas.serve):
+        monkeypatch.setattr(module, "load_system", load)
+    monkeypatch.setattr(recursivemas.serve, "run_server", lambda config, factory: factory())
+    with pytest.raises(Loaded) as caught:
+        main(list(argv))
+    return caught.value.system
+
+
+def command_line(command: str, tmp_path: Path) -> list[str]:
+    """``COMMAND --preset tiny-random`` with the arguments it needs to reach loading."""
+    needs = {"run": ["q"], "eval": ["--task", "relay:1", "--output", str(tmp_path)]}
+    return [command, "--preset", "tiny-random", *needs.get(command, [])]
+
+
+def _load_flags(command: str) -> dict[str, tuple]:
+    """``--dtype`` and ``--compile`` of ``recursivemas COMMAND``: the choices, default and help of each."""
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    actions = sub.choices[command]._actions
+    return {a.dest: (a.choices, a.default, a.help) for a in actions if a.dest in ("dtype", "compile")}
+
+
+def test_every_loading_command_offers_the_same_dtype_and_compile_flags():
+    """``--dtype`` (int8 included) and ``--compile`` have one set of choices and one help text."""
+    run = _load_flags("run")
+    assert run["dtype"][:2] == (DTYPE_CHOICES, "float32") and "int8" in DTYPE_CHOICES
+    assert run["compile"][1] is False
+    assert all(_load_flags(command) == run for command in LOADING_COMMANDS)
+
+
+@pytest.mark.parametrize("command", LOADING_COMMANDS)
+def test_dtype_int8_loads_int8_agents(monkeypatch, tmp_path, command):
+    """``--dtype int8`` gives int8 weight-only backbones in every command, ``serve`` included."""
+    system = loaded_by(monkeypatch, *command_line(command, tmp_path), "--dtype", "int8")
+    for agent in system.agents.values():
+        assert agent.dtype == torch.bfloat16
+        assert any(isinstance(m, Int8Linear) for m in agent.backbone.modules())

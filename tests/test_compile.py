@@ -16,11 +16,11 @@ import torch
 from torch._dynamo.utils import counters
 
 from recursivemas import GenerationConfig, StepConfig, build_preset
-from recursivemas.cli import SystemOptions, build_parser
 from recursivemas.errors import ConfigError
 
 from .conftest import QUESTIONS
 from .test_agent import ARCHS, _batch, _link, assert_close_to_reference
+from .test_cli import LOADING_COMMANDS, command_line, loaded_by
 from .test_generation_rows import MIXED, Collector
 
 STATIC = StepConfig(static_cache=True, cache_bucket=16)
@@ -96,11 +96,12 @@ def test_a_compiled_system_answers_as_eager_and_compiles_once():
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+@pytest.mark.parametrize("command", LOADING_COMMANDS)
 @pytest.mark.parametrize("flag, compiled", [([], False), (["--compile"], True)])
-def test_cli_compile_flag_sets_every_agents_steps(flag, compiled):
-    args = vars(build_parser().parse_args(["run", "q", "--preset", "tiny-random", *flag]))
-    opts = SystemOptions(**{k: v for k, v in args.items() if k not in ("command", "questions", "input")})
-    system = opts.load()
+def test_cli_compile_flag_sets_every_agents_steps(monkeypatch, tmp_path, command, flag, compiled):
+    """Every command that loads a system takes ``--compile``; the system it runs (for ``serve``: the one its
+    server's factory returns) has every agent's steps compiled, and only with the flag."""
+    system = loaded_by(monkeypatch, *command_line(command, tmp_path), *flag)
     assert [a.step_config for a in system.agents.values()] == [StepConfig(compile=compiled)] * 3
 
 

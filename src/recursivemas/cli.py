@@ -21,10 +21,10 @@ from typing import Any, NoReturn
 
 from tqdm import tqdm
 
-from recursivemas.agent import GenerationConfig, StepConfig
+from recursivemas.agent import GenerationConfig
 from recursivemas.distributed import cpu_processes_requested, launch_cpu_workers
 from recursivemas.errors import ConfigError, InputError, RecursiveMASError
-from recursivemas.loading import DTYPE_CHOICES, load_system
+from recursivemas.loading import COMPILE_HELP, DTYPE_CHOICES, DTYPE_HELP, load_system
 from recursivemas.models.bundled import BUNDLED, cache_problem, ensure_cached, model_dir
 from recursivemas.models.tiny import TINY_MODELS
 from recursivemas.presets import DEFAULT_PRESET, PRESETS
@@ -70,8 +70,9 @@ class SystemOptions:
 
     def load(self) -> RecursiveMAS:
         """The system these options name, its steps compiled over a static cache with ``--compile``."""
-        system = load_system(self.preset, self.checkpoint, self.dtype, self.device, self.init, self.allow_hub)
-        return system.set_step_config(StepConfig(compile=self.compile))
+        return load_system(
+            self.preset, self.checkpoint, self.dtype, self.device, self.init, self.allow_hub, self.compile
+        )
 
 
 @dataclass
@@ -601,18 +602,8 @@ def _system_parser() -> argparse.ArgumentParser:
         help="re-encode the whole sequence at every latent step (reference path)",
     )
     parent.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parent.add_argument(
-        "--dtype",
-        choices=DTYPE_CHOICES,
-        default="float32",
-        help="agent weights; int8: int8 weight-only transformer layers, the rest bfloat16 (CPU only)",
-    )
-    parent.add_argument(
-        "--compile",
-        action="store_true",
-        help="static KV cache and torch.compile for latent and decode steps (for GPUs: CUDA graphs; "
-        "the first steps of each batch size compile, minutes on a CPU)",
-    )
+    parent.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help=DTYPE_HELP)
+    parent.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     parent.add_argument("--json", action="store_true", help="print one JSON object per question (JSON Lines)")
     parent.add_argument(
         "--trace",
@@ -665,7 +656,8 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
         help="keep the other modes of the report already in --output (same task and settings)",
     )
     ev.add_argument("--device", default="cpu")
-    ev.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32")
+    ev.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help=DTYPE_HELP)
+    ev.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
 
 def _train_parsers(sub: argparse._SubParsersAction) -> None:

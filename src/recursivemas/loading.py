@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from recursivemas.agent import StepConfig
 from recursivemas.errors import ConfigError
 from recursivemas.presets import DEFAULT_PRESET, build_preset
 from recursivemas.quantize import check_int8_support, quantize_agents
@@ -17,6 +18,13 @@ QUANTIZED = {"int8": torch.bfloat16}
 """Quantised ``--dtype`` names -> the dtype agents load in before their Linear layers are quantised."""
 DTYPE_CHOICES = sorted([*DTYPES, *QUANTIZED])
 """Every ``--dtype`` value ``load_system`` takes."""
+DTYPE_HELP = "agent weights; int8: int8 weight-only transformer layers, the rest bfloat16 (CPU only)"
+"""The ``--dtype`` help of every command that loads a system."""
+COMPILE_HELP = (
+    "static KV cache and torch.compile for latent and decode steps (for GPUs: CUDA graphs; "
+    "the first steps of each batch size compile, minutes on a CPU)"
+)
+"""The ``--compile`` help of every command that loads a system."""
 
 
 def resolve_device(device: str) -> str:
@@ -46,10 +54,13 @@ def load_system(
     device: str,
     init: str | None = None,
     allow_hub: bool = False,
+    compile: bool = False,
 ) -> RecursiveMAS:
     """Build the preset (links by ``init``, default: the preset's) or load the checkpoint named.
 
     ``allow_hub`` lets a checkpoint name models on the Hugging Face Hub (see ``checkpoint.from_pretrained``).
+    ``compile`` (``--compile``) runs every agent's latent and decode steps over a static KV cache through
+    ``torch.compile`` (``StepConfig(compile=True)``); otherwise they run eagerly over a dynamic cache.
     """
     if preset and checkpoint:
         raise ConfigError("give either --preset or --checkpoint, not both")
@@ -69,5 +80,6 @@ def load_system(
         system = build_preset(preset or DEFAULT_PRESET, dtype=dtype, device=device, init=init)
     if dtype_name in QUANTIZED:
         system = quantize_agents(system)
+    system.set_step_config(StepConfig(compile=compile))
     print(f"recursivemas: loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
     return system

@@ -20,8 +20,10 @@ openai = pytest.importorskip("openai", reason="the openai client is not installe
 
 import httpx  # noqa: E402
 
+import recursivemas.serve  # noqa: E402
 from recursivemas import GenerationConfig, RecursiveMAS, build_preset  # noqa: E402
 from recursivemas.errors import ConfigError, PromptTooLongError  # noqa: E402
+from recursivemas.loading import load_system  # noqa: E402
 from recursivemas.serve import serve_command  # noqa: E402
 from recursivemas.serve.app import create_app  # noqa: E402
 from recursivemas.serve.batcher import Job, RunKey, run_jobs  # noqa: E402
@@ -411,6 +413,25 @@ def test_a_failed_load_is_reported_and_fatal() -> None:
         assert response.status_code == 503 and response.json()["error"]["code"] == "not_ready"
     finally:
         server.stop()
+
+
+def test_an_int8_server_answers_as_the_int8_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``serve --dtype int8``: the server runs the system ``serve_command``'s factory loads, int8 weights
+    and all, and answers as that system does alone."""
+    factories: list[Callable[[], RecursiveMAS]] = []
+    monkeypatch.setattr(recursivemas.serve, "run_server", lambda config, load: factories.append(load) or 0)
+    assert serve_command(preset="tiny-random", dtype="int8") == 0
+    server = ThreadServer(create_app(CONFIG, factories[0]))
+    server.start()
+    try:
+        response = post(server, good_chat())
+    finally:
+        server.stop()
+    [expected] = load_system("tiny-random", None, "int8", "cpu").run(
+        [QUESTIONS[0]], generation=GREEDY, **SMALL
+    )
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["message"]["content"] == expected.text
 
 
 def test_text_stream_never_sends_what_may_change() -> None:

@@ -68,6 +68,7 @@ class EvalOptions:
     relay_sender: str | None = None
     merge: bool = False
     allow_hub: bool = False
+    compile: bool = False
 
 
 def _int_list(text: str, flag: str) -> tuple[int, ...]:
@@ -105,7 +106,9 @@ def evaluate_command(opts: EvalOptions) -> int:
     check_writable_dir(out, "--output")
     state = PartialState(cpu=opts.device == "cpu")  # gloo on CPU, NCCL on GPUs
     device = str(state.device) if opts.device == "cuda" and state.num_processes > 1 else opts.device
-    system = load_system(opts.preset, opts.checkpoint, opts.dtype, device, allow_hub=opts.allow_hub)
+    system = load_system(
+        opts.preset, opts.checkpoint, opts.dtype, device, allow_hub=opts.allow_hub, compile=opts.compile
+    )
     sender = opts.relay_sender or system.config.order[0]
     if sender not in system.agents:
         raise ConfigError(

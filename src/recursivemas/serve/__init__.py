@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 
 from recursivemas.errors import ConfigError
-from recursivemas.loading import DTYPES, load_system, resolve_device
+from recursivemas.loading import COMPILE_HELP, DTYPE_CHOICES, DTYPE_HELP, load_system, resolve_device
 from recursivemas.presets import DEFAULT_PRESET, PRESETS
 from recursivemas.serve.config import LOG, ServeConfig
 from recursivemas.system import RecursiveMAS
@@ -71,7 +71,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     serve.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger request bodies get 413")
     serve.add_argument("--log-prompts", action="store_true", help="write questions to the log")
     serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    serve.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    serve.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help=DTYPE_HELP)
+    serve.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     return serve
 
 
@@ -84,12 +85,15 @@ def serve_command(
     api_key: str | None = None,
     device: str = "cpu",
     dtype: str = "float32",
+    compile: bool = False,
     **settings: object,
 ) -> int:
     """``recursivemas serve``: load the system in the background and serve until SIGTERM/SIGINT.
 
-    ``settings`` are the remaining ``ServeConfig`` fields (host, port, limits, ...). Returns 0 after a
-    graceful stop (in-flight requests answered), 1 if the models could not be loaded.
+    The system loads as ``recursivemas run`` loads it: ``dtype`` may be ``int8`` and ``compile`` compiles
+    every agent's latent and decode steps (see ``load_system``). ``settings`` are the remaining
+    ``ServeConfig`` fields (host, port, limits, ...). Returns 0 after a graceful stop (in-flight requests
+    answered), 1 if the models could not be loaded.
     """
     config = ServeConfig(
         model_name=model_name or default_model_name(preset, checkpoint),
@@ -98,7 +102,8 @@ def serve_command(
     )
     config.check_bind()
     resolve_device(device)
-    return run_server(config, partial(load_system, preset, checkpoint, dtype, device, init, allow_hub))
+    load = partial(load_system, preset, checkpoint, dtype, device, init, allow_hub, compile)
+    return run_server(config, load)
 
 
 def default_model_name(preset: str | None, checkpoint: str | None) -> str:
