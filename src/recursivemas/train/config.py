@@ -222,7 +222,8 @@ class OptimSection(_Section):
     grad_accum: int = Field(default=1, ge=1)
     links: list[str] | None = Field(
         default=None,
-        description="names of the stage's links that learn (e.g. ['critic->solver']); default: all of them",
+        description="names of the stage's links that learn (e.g. ['critic->solver']; an outer stage may add "
+        "inner links by agent, e.g. ['critic', 'critic->solver']); default: all of the stage's links",
     )
     clip: float | None = Field(default=1.0, gt=0)
 
