@@ -92,7 +92,8 @@ def peak_rss_mib(dtype: str, max_new_tokens: int) -> float:
 
 
 def agreement(rows: list[dict], reference: list[dict]) -> dict:
-    """Identical texts and extracted answers (% of questions) and accuracy with its 95% interval."""
+    """Identical texts and extracted answers (% of questions), accuracy with its 95% interval, and how many
+    distinct answers were extracted."""
     n = len(rows)
     correct = sum(r["correct"] for r in rows)
     low, high = wilson_interval(correct, n)
@@ -103,13 +104,14 @@ def agreement(rows: list[dict], reference: list[dict]) -> dict:
         / n,
         "accuracy_pct": 100 * correct / n,
         "accuracy_ci95": [100 * low, 100 * high],
+        "distinct_answers": len({r["extracted"] for r in rows}),
     }
 
 
 def table(report: dict) -> str:
     lines = [
         "| dtype | batch 1: s (x vs float32) | batch 8: s (x vs float32) | peak RSS MiB | same text | "
-        "same answer | relay:1 accuracy (95% CI) |",
+        "same answer | relay:1 accuracy (95% CI; distinct answers) |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, row in report["dtypes"].items():
@@ -118,7 +120,8 @@ def table(report: dict) -> str:
         low, high = agree["accuracy_ci95"]
         lines.append(
             f"| {name} | {' | '.join(cells)} | {row['peak_rss_mib']:.0f} | {agree['same_text_pct']:.0f}% | "
-            f"{agree['same_answer_pct']:.0f}% | {agree['accuracy_pct']:.0f}% ({low:.0f}-{high:.0f}) |"
+            f"{agree['same_answer_pct']:.0f}% | {agree['accuracy_pct']:.0f}% ({low:.0f}-{high:.0f}; "
+            f"{agree['distinct_answers']}) |"
         )
     return "\n".join(lines)
 
