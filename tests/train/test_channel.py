@@ -86,6 +86,12 @@ def test_an_outer_stage_can_fine_tune_an_inner_link_through_its_rollout(system, 
     assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
 
 
+def test_align_refuses_inner_links_it_would_never_train(system, make_config):
+    cfg = make_config(objective={"outer": "align"}, optim={"links": ["critic", "planner->critic"]})
+    with pytest.raises(ConfigError, match=r"remove \['critic'\] from optim.links"):
+        AlignObjective(system, cfg)
+
+
 def test_unknown_link_name_is_a_clear_error(system):
     with pytest.raises(ConfigError, match=r"optim.links names \['nope'\]"):
         select_trainable(system, "outer", "links", ["nope"])

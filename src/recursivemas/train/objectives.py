@@ -589,6 +589,12 @@ class AlignObjective:
         self.system = system
         self.answer_format = config.data.answer_format
         chosen = config.optim.links
+        inner = sorted(set(chosen or ()) - {e.key for e in system.config.edges})
+        if inner:
+            raise ConfigError(
+                f"objective.outer: align fits outer links token by token and never runs an inner link; "
+                f"remove {inner} from optim.links (train them with outer: unrolled)"
+            )
         self.edges = [e for e in system.config.edges if chosen is None or e.key in chosen]
         self._tables: dict[str, tuple[torch.Tensor, torch.Tensor, dict[int, int]]] = {}
 
