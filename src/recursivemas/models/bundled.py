@@ -294,21 +294,23 @@ def _forget_gguf_origin(model: PreTrainedModel) -> None:
 
 @contextmanager
 def _gguf_parsed_once() -> Iterator[None]:
-    """Within the block, every ``gguf.GGUFReader`` of the same file is one shared, parsed reader.
+    """Within the block, every ``gguf.GGUFReader`` of the same file is one shared, parsed reader, and every
+    ``gguf.get_tensor_name_map`` of the same architecture one shared map.
 
     transformers' loader for Llama and Gemma GGUFs parses the file with a fresh ``gguf.GGUFReader`` for
     the tokenizer, the config and the weights alike, and that parse walks the vocabulary one array
-    element at a time (about 13 s of Gemma's 262k tokens, scores and types on a contended core). The
-    reader is read-only once built, so one parse serves all three.
+    element at a time (about 13 s of Gemma's 262k tokens, scores and types on a contended core). It also
+    builds a fresh ``TensorNameMap`` for every module of the model it walks (about 7 s of a cold start).
+    Both are read-only once built, so one of each serves all.
     """
     import gguf  # the ``bundled`` extra; imported here, so that loading a converted cache does not need it
 
-    original = gguf.GGUFReader
-    gguf.GGUFReader = functools.cache(original)
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader, gguf.get_tensor_name_map = functools.cache(reader), functools.cache(name_map)
     try:
         yield
     finally:
-        gguf.GGUFReader = original
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
 def _record_native_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
