@@ -35,6 +35,17 @@ def test_int8_linear_is_close_to_the_linear_on_both_paths(rows):
     assert _relative_error(Int8Linear(linear).dequantized(), linear.weight) < 0.01
 
 
+def test_int8_linear_multiplies_many_rows_by_its_bfloat16_weight_exactly():
+    """Prompt passes (more than ``INT8_MAX_ROWS`` rows) compute as ``--dtype bfloat16`` does, with the weight
+    the layer was loaded with (shared, not copied); only short inputs take the int8 kernel."""
+    linear = nn.Linear(96, 80, bias=True).to(torch.bfloat16)
+    layer = Int8Linear(linear)
+    assert layer.weight.data_ptr() == linear.weight.data_ptr()
+    x = torch.randn(INT8_MAX_ROWS + 1, 96, dtype=torch.bfloat16)
+    assert torch.equal(layer(x), linear(x))
+    assert not torch.equal(layer(x[:1]), linear(x[:1]))  # the int8 path rounds the weight
+
+
 def test_quantize_module_replaces_every_linear():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 4), nn.LayerNorm(4)))
     assert quantize_module(model) == 2

@@ -18,7 +18,9 @@ QUANTIZED = {"int8": torch.bfloat16}
 """Quantised ``--dtype`` names -> the dtype agents load in before their Linear layers are quantised."""
 DTYPE_CHOICES = sorted([*DTYPES, *QUANTIZED])
 """Every ``--dtype`` value ``load_system`` takes."""
-DTYPE_HELP = "agent weights; int8: int8 weight-only transformer layers, the rest bfloat16 (CPU only)"
+DTYPE_HELP = (
+    "agent weights; int8: int8 weight-only one-position steps, bfloat16 prompt passes and the rest (CPU only)"
+)
 """The ``--dtype`` help of every command that loads a system."""
 COMPILE_HELP = (
     "static KV cache and torch.compile for latent and decode steps (for GPUs: CUDA graphs; "

@@ -1,59 +1,69 @@
 """Int8 weight-only quantisation of the agents' transformer layers (``--dtype int8``), for CPUs.
 
 Every ``nn.Linear`` inside an agent's backbone (the attention and MLP projections) becomes an
-``Int8Linear``: its weight rounded to int8 with one bfloat16 scale per output channel. Up to
-``INT8_MAX_ROWS`` input rows (the one-position steps of batches of up to 8) are multiplied by PyTorch's
-own int8 weight-only kernel (``torch._weight_int8pack_mm``, the one gpt-fast uses) with bfloat16
-activations; more rows by the dequantised bfloat16 weight. The agents are loaded in bfloat16 first, so
-embeddings, norms and the LM head are bfloat16; links stay float32, as with ``--dtype bfloat16``.
-Fingerprints are taken before quantising (they are cached), so checkpoints and shipped links still match.
+``Int8Linear``, which keeps two copies of its weight: the bfloat16 weight it was loaded with, and that
+weight rounded to int8 with one bfloat16 scale per output channel. Up to ``INT8_MAX_ROWS`` input rows
+(the one-position latent and decode steps of batches of up to 8, nearly all of a batch-1 answer's time)
+are multiplied by PyTorch's own int8 weight-only kernel (``torch._weight_int8pack_mm``, the one gpt-fast
+uses) with bfloat16 activations; more rows (a prompt pass, a large batch) by the bfloat16 weight, exactly
+as ``--dtype bfloat16`` computes them. The agents are loaded in bfloat16 first, so embeddings, norms and
+the LM head are bfloat16; links stay float32, as with ``--dtype bfloat16``. Fingerprints are taken before
+quantising (they are cached), so checkpoints and shipped links still match.
+
+Keeping the bfloat16 weight costs memory (3 bytes per weight against float32's 4) and saves time: the
+first version multiplied prompt passes by a weight dequantised on every call, 1.1 s of a 6.3 s batch-1
+answer of the default preset (``benchmarks/results/RESULTS.md``, dtype and quantisation).
 
 torchao's ``Int8WeightOnlyConfig`` (0.18) and torch's ``quantize_dynamic`` were measured first: the former
 is slower than float32 on these CPUs, eager or compiled; the latter (int8 activations too) is fast but
-breaks the default preset's answers (``benchmarks/results/RESULTS.md``, dtype and quantisation).
+breaks the default preset's answers.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from recursivemas.errors import ConfigError
 from recursivemas.system import RecursiveMAS
 
 INT8_KERNEL = "_weight_int8pack_mm"
 INT8_MAX_ROWS = 8
-"""Inputs with more rows (a prompt pass, a large batch) multiply by the dequantised bfloat16 weight instead:
+"""Inputs with more rows (a prompt pass, a large batch) multiply by the bfloat16 weight instead:
 the int8 kernel is a matrix-vector loop whose time grows with the rows, bfloat16 GEMMs use AMX/AVX512-BF16
 (measured on these CPUs: int8 wins up to 8 rows, bfloat16 from 16)."""
 
 
 class Int8Linear(nn.Module):
-    """A frozen ``nn.Linear`` with int8 weights (symmetric, per output channel) and bfloat16 activations."""
+    """A frozen ``nn.Linear`` computing in bfloat16: int8 weights (symmetric, per output channel) for up to
+    ``INT8_MAX_ROWS`` rows, its bfloat16 weight for more."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        weight = linear.weight.detach().float()
-        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        weight = linear.weight.detach()
+        scales = weight.float().abs().amax(dim=1).clamp(min=1e-12) / 127
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("qweight", (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("weight", weight.to(torch.bfloat16))  # (out, in), shared if already bfloat16
+        rounded = (weight.float() / scales[:, None]).round().clamp(-127, 127)
+        self.register_buffer("qweight", rounded.to(torch.int8))
         self.register_buffer("scales", scales.to(torch.bfloat16))
         bias = linear.bias.detach().to(torch.bfloat16) if linear.bias is not None else None
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) -> (..., out), computed in bfloat16 whatever ``x``'s dtype."""
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (rows, in)
         if flat.shape[0] <= INT8_MAX_ROWS:
             out = torch._weight_int8pack_mm(flat, self.qweight, self.scales)
+            if self.bias is not None:
+                out = out + self.bias
         else:
-            out = flat @ (self.qweight.to(torch.bfloat16) * self.scales[:, None]).T
-        if self.bias is not None:
-            out = out + self.bias
+            out = F.linear(flat, self.weight, self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def dequantized(self) -> torch.Tensor:
-        """(out, in) float32 weight this layer multiplies by."""
+        """(out, in) float32 weight the int8 path multiplies by."""
         return self.qweight.float() * self.scales.float()[:, None]
 
     def extra_repr(self) -> str:
