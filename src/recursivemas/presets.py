@@ -17,7 +17,7 @@ import torch
 from recursivemas.agent import Agent
 from recursivemas.checkpoint import load_links
 from recursivemas.errors import ConfigError
-from recursivemas.models import load_model
+from recursivemas.models import load_models
 from recursivemas.patterns import build_pattern
 from recursivemas.system import RecursiveMAS
 
@@ -48,10 +48,11 @@ def build_from_specs(
     links: str | Path | None = None,
 ) -> RecursiveMAS:
     """The ``pattern`` system (see ``recursivemas.patterns``) over ``agents`` (role -> model spec; a spec
-    named twice is loaded once and shared). ``init == "trained"`` loads the link checkpoint ``links``."""
+    named twice is loaded once and shared; bundled models not converted yet are converted side by side).
+    ``init == "trained"`` loads the link checkpoint ``links``."""
     if init == TRAINED and links is None:
         raise ConfigError("this preset ships no trained links; use init 'training-free'")
-    loaded = {spec: load_model(spec, dtype, device) for spec in dict.fromkeys(agents.values())}
+    loaded = load_models(agents.values(), dtype, device)  # converts missing bundled models side by side
     built = {
         role: Agent(name=role, model=loaded[spec][0], tokenizer=loaded[spec][1], model_id=spec)
         for role, spec in agents.items()

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from recursivemas.errors import ConfigError
-from recursivemas.models.bundled import BUNDLED, cached
+from recursivemas.models.bundled import BUNDLED, cached, ensure_all_cached
 from recursivemas.models.tiny import TINY_MODELS, tiny_model
 
 TINY_PREFIX = "tiny-random:"
@@ -43,6 +44,17 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def load_models(
+    specs: Iterable[str], dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> dict[str, tuple[Any, Any]]:
+    """``{spec: (model, tokenizer)}``, each distinct spec loaded once, as ``load_model`` does. The bundled
+    models among them that are not converted yet are converted first, side by side (see
+    ``bundled.ensure_all_cached``): a first run converts both bundled models in the time of the slower."""
+    specs = list(dict.fromkeys(specs))
+    ensure_all_cached(spec for spec in specs if spec in BUNDLED)
+    return {spec: load_model(spec, dtype, device) for spec in specs}
 
 
 def _from_pretrained(spec: str, path: str, dtype: torch.dtype, device: str) -> tuple[Any, Any]:

@@ -42,9 +42,11 @@ import json
 import logging
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,6 +257,76 @@ def ensure_cached(name: str, verify: bool | None = None) -> Path:
     """
     with cached(name, verify) as folder:
         return folder
+
+
+def ensure_all_cached(names: Iterable[str], verify: bool | None = None) -> None:
+    """Convert (or rebuild) every bundled model among ``names`` whose cache is unusable, side by side.
+
+    A conversion is mostly single-threaded Python, so on a machine with two or more cores the model with
+    the largest vocabulary (the slowest to convert: Gemma's 262k tokens) converts in this process and each
+    other one in a fresh interpreter started beside it (``python -c``: a fork after torch has started its
+    threads is unsafe). Every conversion goes through ``ensure_cached``, with its exclusive lock and its
+    temporary folder, exactly as a single one does. The errors of all of them are raised together, as one
+    ``ConfigError`` (a child's ``ConfigError`` keeps its text). ``verify`` as in ``cache_problem``.
+    """
+    todo = [name for name in dict.fromkeys(names) if not _usable(name, verify)]
+    todo.sort(key=lambda name: get_bundled(name).vocab_size, reverse=True)
+    if len(todo) < 2 or len(os.sched_getaffinity(0)) < 2:
+        for name in todo:
+            ensure_cached(name, verify)
+        return
+    code = "import sys; from recursivemas.models.bundled import _convert_child; sys.exit(_convert_child())"
+    children = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", code, name, json.dumps(verify)], stdout=subprocess.PIPE, text=True
+        )
+        for name in todo[1:]
+    }
+    errors = []
+    try:
+        try:
+            ensure_cached(todo[0], verify)
+        except ConfigError as err:
+            errors.append(str(err))
+        errors += [error for name, child in children.items() if (error := _child_error(name, child))]
+    except BaseException:
+        for child in children.values():  # a KeyboardInterrupt lets its conversion remove its work folder
+            if child.poll() is None:
+                child.send_signal(signal.SIGINT)
+        for child in children.values():
+            child.wait()
+        raise
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+
+def _usable(name: str, verify: bool | None) -> bool:
+    with _lock(name, exclusive=False):
+        return cache_problem(name, verify) is None
+
+
+def _convert_child() -> int:
+    """The child process of ``ensure_all_cached``: ``ensure_cached(argv[1], json argv[2])``. Its
+    ``ConfigError`` goes to stdout as JSON, for the parent to raise; all else goes to stderr as usual."""
+    try:
+        ensure_cached(sys.argv[1], json.loads(sys.argv[2]))
+    except ConfigError as err:
+        print(json.dumps({"error": str(err)}), flush=True)
+        return 1
+    return 0
+
+
+def _child_error(name: str, child: subprocess.Popen) -> str | None:
+    """What went wrong in ``child``, the conversion of ``name`` (``None`` if nothing): waits for it."""
+    out, _ = child.communicate()
+    if child.returncode == 0:
+        return None
+    for line in reversed(out.splitlines()):
+        if line.startswith('{"error": '):
+            return json.loads(line)["error"]
+    raise RuntimeError(
+        f"converting {name} in a child process failed (exit status {child.returncode}; its error is above)"
+    )
 
 
 def _repair(spec: BundledModel, verify: bool | None) -> None:
