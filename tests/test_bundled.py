@@ -74,6 +74,31 @@ def test_cached_gemma_tokenizer_loads_natively_and_tokenizes_as_gemmas_own_class
     assert native.decode(ids) == gemma.decode(ids)
 
 
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_cached_merges_as_strings_tokenize_as_pairs(name, tmp_path):
+    """The cache holds each tokenizer's merges as "a b" strings (faster to parse): split back into the
+    pairs tokenizers writes, the tokenizer has the same vocabulary and merges and tokenizes alike."""
+    from tokenizers import Tokenizer
+
+    saved = bundled.ensure_cached(name) / "tokenizer.json"
+    data = json.loads(saved.read_text(encoding="utf-8"))
+    assert all(isinstance(m, str) and m.count(" ") == 1 for m in data["model"]["merges"])
+    data["model"]["merges"] = [m.split(" ") for m in data["model"]["merges"]]
+    (tmp_path / "pairs.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    strings, pairs = Tokenizer.from_file(str(saved)), Tokenizer.from_file(str(tmp_path / "pairs.json"))
+    assert strings.get_vocab() == pairs.get_vocab()
+    assert json.loads(strings.to_str())["model"]["merges"] == json.loads(pairs.to_str())["model"]["merges"]
+    texts = [
+        "The capital of France is Paris.",
+        "  two  spaces\n\ttab\r\n",
+        "def f(x):\n    return x ** 2  # square",
+        "½ 中文 🎉 naïve café Ελληνικά русский",
+        "<start_of_turn>user\nhi<end_of_turn><|im_start|>",
+        "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa 1234567890 3.14159",
+    ]
+    assert [e.ids for e in strings.encode_batch(texts)] == [e.ids for e in pairs.encode_batch(texts)]
+
+
 def test_corrupt_or_partial_cache_is_rebuilt(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(bundled.CACHE_ENV, str(tmp_path))
     folder = bundled.ensure_cached("smollm2-135m")

@@ -291,6 +291,31 @@ def test_a_model_specific_tokenizer_is_saved_to_load_natively(tmp_path):
     assert loaded.decode(loaded("ab a").input_ids) == original.decode(original("ab a").input_ids)
 
 
+def test_merges_saved_as_strings_tokenize_as_the_pairs(tmp_path):
+    """``tokenizer.json`` merges rewritten from pairs into "a b" strings (tokenizers parses them faster):
+    the same vocabulary, merges and tokens; a merge with a space in a part keeps its pairs."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "a", "b", "c", "ab", "abc", "bc", "Ġ", "Ġa", "Ġab"])}
+    merges = [("a", "b"), ("ab", "c"), ("b", "c"), ("Ġ", "a"), ("Ġa", "b")]
+    pairs = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    pairs.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    path = tmp_path / "tokenizer.json"
+    pairs.save(str(path))
+    assert isinstance(json.loads(path.read_text())["model"]["merges"][0], list)
+    assert bundled._merges_as_strings(path)
+    assert json.loads(path.read_text())["model"]["merges"] == ["a b", "ab c", "b c", "Ġ a", "Ġa b"]
+    strings = Tokenizer.from_file(str(path))
+    assert strings.get_vocab() == pairs.get_vocab()
+    texts = ["abc ab bc", "cab abab", "a b c", "abcabc"]
+    assert [e.ids for e in strings.encode_batch(texts)] == [e.ids for e in pairs.encode_batch(texts)]
+
+    spaced = Tokenizer(models.BPE(vocab={**vocab, "a ": 10, "a b": 11}, merges=[*merges, ("a ", "b")]))
+    spaced.save(str(path))
+    before = path.read_text()
+    assert not bundled._merges_as_strings(path) and path.read_text() == before
+
+
 def test_a_rebuild_that_does_not_help_is_a_clear_error(fake, monkeypatch):
     monkeypatch.setattr(bundled, "convert", lambda spec: None)
     fake.weights.unlink()
