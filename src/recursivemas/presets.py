@@ -17,6 +17,7 @@ import torch
 from recursivemas.agent import Agent
 from recursivemas.checkpoint import load_links
 from recursivemas.errors import ConfigError
+from recursivemas.links import build_link, uninitialised
 from recursivemas.models import load_models
 from recursivemas.patterns import build_pattern
 from recursivemas.system import RecursiveMAS
@@ -57,10 +58,16 @@ def build_from_specs(
         role: Agent(name=role, model=loaded[spec][0], tokenizer=loaded[spec][1], model_id=spec)
         for role, spec in agents.items()
     }
-    system = build_pattern(
-        pattern, built, rounds=rounds, latent_steps=latent_steps, init="identity" if init == TRAINED else init
-    )
-    return load_links(system, links) if init == TRAINED else system
+    if init != TRAINED:
+        return build_pattern(pattern, built, rounds=rounds, latent_steps=latent_steps, init=init)
+    with uninitialised():  # every link is replaced by the checkpoint's, which loads every tensor
+        system = build_pattern(pattern, built, rounds=rounds, latent_steps=latent_steps, init="identity")
+        placeholders = [link for group in system.links.values() for link in group.values()]
+        load_links(system, links)
+    for link in placeholders:  # a link the checkpoint lacks keeps the identity start
+        if system.links[link.config.kind][link.name] is link:
+            system.set_link(build_link(link.config))
+    return system
 
 
 def _preset_builder(
