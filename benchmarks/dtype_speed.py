@@ -12,8 +12,9 @@ interleaved in ``--repeats`` rounds after a warm-up round, so their ratios to fl
 seconds apart; figures are medians. Memory: the peak resident set (``VmHWM``; ``ru_maxrss`` would
 carry the parent's over ``exec``) of a fresh process per
 dtype that loads the system and answers one batch of 8. Agreement: every dtype answers ``--questions``
-relay questions in batches of 16; the share of final texts and of extracted answers identical to
-float32's, and each dtype's strict relay accuracy (Wilson 95% interval). Writes
+relay questions in batches of 8 (``INT8_MAX_ROWS``, so int8 steps take the int8 kernel); the share of
+final texts and of extracted answers identical to float32's, and each dtype's strict relay accuracy
+(Wilson 95% interval). Writes
 ``results/dtype_speed.json`` and prints a Markdown table.
 """
 
@@ -33,11 +34,14 @@ from recursivemas.agent import GenerationConfig
 from recursivemas.eval.harness import wilson_interval
 from recursivemas.eval.tasks import Task, load_task
 from recursivemas.loading import DTYPE_CHOICES, load_system
+from recursivemas.quantize import INT8_MAX_ROWS
 from recursivemas.system import RecursiveMAS
 
 RESULTS = Path(__file__).parent / "results"
 BATCHES = (1, 8)
-AGREEMENT_BATCH = 16
+AGREEMENT_BATCH = INT8_MAX_ROWS
+"""Agreement batches are small enough that int8's one-position steps take the int8 kernel, as a batch-1
+answer's do (larger batches multiply by the bfloat16 weights: they would measure bfloat16's answers)."""
 
 
 def inputs(task: Task, n: int) -> list[dict]:

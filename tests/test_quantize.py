@@ -58,7 +58,10 @@ def test_int8_system_quantises_backbones_and_keeps_links_float32(int8_system):
         assert agent.dtype == torch.bfloat16
         assert not any(isinstance(m, nn.Linear) for m in agent.backbone.modules())
         assert any(isinstance(m, Int8Linear) for m in agent.backbone.modules())
-        assert isinstance(agent.model.get_output_embeddings(), nn.Linear)  # the LM head is not quantised
+        head = agent.model.get_output_embeddings()
+        assert isinstance(head, Int8Linear) and head.weight.dtype == torch.bfloat16
+        if agent.model.config.get_text_config().tie_word_embeddings:  # still one bfloat16 table
+            assert head.weight.data_ptr() == agent.model.get_input_embeddings().weight.data_ptr()
         assert agent.fingerprint() == reference.agents[name].fingerprint()
     assert {p.dtype for p in int8_system.links.parameters()} == {torch.float32}
 
@@ -89,9 +92,10 @@ def test_int8_needs_bfloat16_agents_on_the_cpu():
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_lm_head_reads_row_major_inputs(int8_system, batch):
-    """The last position of a (B, T, d) batch, as transformers slices it, reaches the head row-major."""
-    head = next(iter(int8_system.agents.values())).model.get_output_embeddings()
+def test_lm_head_reads_row_major_inputs(batch):
+    """The last position of a (B, T, d) batch, as transformers slices it, reaches a bf16 head row-major."""
+    bf16 = load_system("tiny-random", None, "bfloat16", "cpu")
+    head = next(iter(bf16.agents.values())).model.get_output_embeddings()
     x = torch.randn(batch, 5, head.in_features, dtype=head.weight.dtype)[:, -1:]
     seen = []
     handle = head.register_forward_pre_hook(lambda m, args: seen.append(args[0].stride()))
@@ -100,6 +104,13 @@ def test_lm_head_reads_row_major_inputs(int8_system, batch):
     finally:
         handle.remove()
     assert seen == [(head.in_features, head.in_features, 1)]
+
+
+@pytest.mark.parametrize("batch", [1, 2, INT8_MAX_ROWS + 1])
+def test_int8_head_gives_strided_last_positions_the_contiguous_result(int8_system, batch):
+    head = next(iter(int8_system.agents.values())).model.get_output_embeddings()
+    x = torch.randn(batch, 5, head.in_features, dtype=torch.bfloat16)[:, -1:]
+    assert torch.equal(head(x), head(x.contiguous()))
 
 
 def test_cli_runs_with_dtype_int8(capsys):

@@ -1,13 +1,13 @@
-"""Int8 weight-only quantisation of the agents' transformer layers (``--dtype int8``), for CPUs.
+"""Int8 weight-only quantisation of the agents' transformer layers and LM heads (``--dtype int8``), for CPUs.
 
-Every ``nn.Linear`` inside an agent's backbone (the attention and MLP projections) becomes an
-``Int8Linear``, which keeps two copies of its weight: the bfloat16 weight it was loaded with, and that
-weight rounded to int8 with one bfloat16 scale per output channel. Up to ``INT8_MAX_ROWS`` input rows
-(the one-position latent and decode steps of batches of up to 8, nearly all of a batch-1 answer's time)
-are multiplied by PyTorch's own int8 weight-only kernel (``torch._weight_int8pack_mm``, the one gpt-fast
-uses) with bfloat16 activations; more rows (a prompt pass, a large batch) by the bfloat16 weight, exactly
-as ``--dtype bfloat16`` computes them. The agents are loaded in bfloat16 first, so embeddings, norms and
-the LM head are bfloat16; links stay float32, as with ``--dtype bfloat16``. Fingerprints are taken before
+Every ``nn.Linear`` inside an agent's backbone (the attention and MLP projections), and its LM head,
+becomes an ``Int8Linear``, which keeps two copies of its weight: the bfloat16 weight it was loaded with,
+and that weight rounded to int8 with one bfloat16 scale per output channel. Up to ``INT8_MAX_ROWS`` input
+rows (the one-position latent and decode steps of batches of up to 8, nearly all of a batch-1 answer's
+time) are multiplied by PyTorch's own int8 weight-only kernel (``torch._weight_int8pack_mm``, the one
+gpt-fast uses) with bfloat16 activations; more rows (a prompt pass, a large batch) by the bfloat16 weight,
+exactly as ``--dtype bfloat16`` computes them. The agents are loaded in bfloat16 first, so embeddings and
+norms are bfloat16; links stay float32, as with ``--dtype bfloat16``. Fingerprints are taken before
 quantising (they are cached), so checkpoints and shipped links still match.
 
 Keeping the bfloat16 weight costs memory (3 bytes per weight against float32's 4) and saves time: the
@@ -53,7 +53,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) -> (..., out), computed in bfloat16 whatever ``x``'s dtype."""
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (rows, in)
+        # (rows, in), row-major: a strided last-position slice (the LM head's input) would make F.linear
+        # expand the weight (see ``agent._row_major_head_inputs``)
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         if flat.shape[0] <= INT8_MAX_ROWS:
             out = torch._weight_int8pack_mm(flat, self.qweight, self.scales)
             if self.bias is not None:
@@ -93,9 +95,11 @@ def quantize_module(module: nn.Module) -> int:
 
 
 def quantize_agents(system: RecursiveMAS) -> RecursiveMAS:
-    """Quantise every agent's backbone Linear layers to int8 weight-only in place; return ``system``.
+    """Quantise every agent's backbone Linear layers and LM head to int8 weight-only in place; return
+    ``system``.
 
-    The agents must be bfloat16 and on the CPU; a model shared by several agents is quantised once.
+    The agents must be bfloat16 and on the CPU; a model shared by several agents is quantised once. A head
+    tied to the input embeddings keeps sharing its bfloat16 weight with them (``Int8Linear.weight``).
     """
     check_int8_support()
     agents = list(system.agents.values())
@@ -106,7 +110,10 @@ def quantize_agents(system: RecursiveMAS) -> RecursiveMAS:
     done: set[int] = set()
     for agent in agents:
         agent.fingerprint()  # cached before the weights change
-        if id(agent.backbone) not in done:
-            done.add(id(agent.backbone))
+        if id(agent.model) not in done:
+            done.add(id(agent.model))
             quantize_module(agent.backbone)
+            head = agent.model.get_output_embeddings()
+            if isinstance(head, nn.Linear):
+                agent.model.set_output_embeddings(Int8Linear(head))
     return system
