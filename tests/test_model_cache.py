@@ -2,6 +2,7 @@
 item 14). A fake bundled model with a seconds-free conversion stands in for the real ones, in a
 temporary cache root, so the real cache is never touched."""
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -29,7 +30,7 @@ class FakeModel:
     exports: list[Path] = field(default_factory=list)
     hold: threading.Event | None = None
 
-    def export(self, gguf: Path, out: Path) -> None:
+    def export(self, gguf: Path, out: Path, **_) -> None:
         if self.hold is not None:
             assert self.hold.wait(30)
         out.mkdir()
@@ -321,3 +322,24 @@ def test_a_rebuild_that_does_not_help_is_a_clear_error(fake, monkeypatch):
     fake.weights.unlink()
     with pytest.raises(bundled.ConfigError, match=r"still unusable after a rebuild.*remove .* and retry"):
         bundled.ensure_cached(NAME)
+
+
+@pytest.mark.parametrize(
+    ("cpus", "load", "beside"),
+    [(2, 0.3, True), (2, 1.2, False), (1, 0.0, False), (8, 5.0, True), (8, 7.0, False)],
+)
+def test_a_second_converting_process_needs_a_free_cpu(monkeypatch, cpus, load, beside):
+    """Conversions run side by side only when a CPU is free: on a busy one the second process competes."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    assert bundled._convert_beside() is beside
+
+
+def test_conversions_run_one_after_the_other_without_a_free_cpu(fake, monkeypatch):
+    monkeypatch.setattr(bundled, "_convert_beside", lambda: False)
+    monkeypatch.setattr(bundled.subprocess, "Popen", None)  # no child process may start
+    other = dataclasses.replace(bundled.BUNDLED[NAME], name="fake-other")
+    monkeypatch.setitem(bundled.BUNDLED, other.name, other)
+    fake.weights.unlink()
+    bundled.ensure_all_cached([NAME, other.name])
+    assert bundled.is_cached(NAME) and bundled.is_cached(other.name) and len(fake.exports) == 3
