@@ -162,7 +162,7 @@ def test_a_tokenizer_converted_beside_the_weights_gives_the_same_cache(tmp_path,
     reference = json.loads((bundled.ensure_cached("smollm2-135m") / bundled.MANIFEST).read_text())
     monkeypatch.setenv(bundled.CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(bundled, "_TOKENIZER_BESIDE_VOCAB", 0)
-    monkeypatch.setattr(bundled, "_convert_beside", lambda: True)
+    monkeypatch.setattr(bundled, "_idle_cpus", lambda: 8.0)
 
     class NotHere:
         @staticmethod
@@ -186,7 +186,7 @@ def _fake_bundled(monkeypatch, tmp_path, export) -> str:
     )
     monkeypatch.setitem(bundled.BUNDLED, spec.name, spec)
     monkeypatch.setattr(bundled, "_export", export)
-    monkeypatch.setattr(bundled, "_convert_beside", lambda: True)  # whatever the load average says
+    monkeypatch.setattr(bundled, "_idle_cpus", lambda: 8.0)  # whatever the machine is doing
     return spec.name
 
 

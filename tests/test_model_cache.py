@@ -324,22 +324,31 @@ def test_a_rebuild_that_does_not_help_is_a_clear_error(fake, monkeypatch):
         bundled.ensure_cached(NAME)
 
 
-@pytest.mark.parametrize(
-    ("cpus", "load", "beside"),
-    [(2, 0.3, True), (2, 1.2, False), (1, 0.0, False), (8, 5.0, True), (8, 7.0, False)],
-)
-def test_a_second_converting_process_needs_a_free_cpu(monkeypatch, cpus, load, beside):
-    """Conversions run side by side only when a CPU is free: on a busy one the second process competes."""
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
-    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
-    assert bundled._convert_beside() is beside
+def test_idle_cpus_are_measured_within_this_process_s_share():
+    assert 0.0 <= bundled._idle_cpus(0.05) <= len(os.sched_getaffinity(0))
 
 
-def test_conversions_run_one_after_the_other_without_a_free_cpu(fake, monkeypatch):
-    monkeypatch.setattr(bundled, "_convert_beside", lambda: False)
-    monkeypatch.setattr(bundled.subprocess, "Popen", None)  # no child process may start
-    other = dataclasses.replace(bundled.BUNDLED[NAME], name="fake-other")
+@pytest.mark.parametrize(("idle", "children"), [(1.0, False), (2.0, False), (3.0, True)])
+def test_models_convert_side_by_side_only_with_two_idle_cpus(fake, monkeypatch, idle, children):
+    """One idle CPU goes to the largest tokenizer (beside its weights); other models need a second."""
+    monkeypatch.setattr(bundled, "_idle_cpus", lambda: idle)
+    started = []
+    monkeypatch.setattr(bundled.subprocess, "Popen", lambda args, **kw: started.append(args[3]) or _Done())
+    other = dataclasses.replace(bundled.BUNDLED[NAME], name="fake-other", vocab_size=8)
     monkeypatch.setitem(bundled.BUNDLED, other.name, other)
     fake.weights.unlink()
-    bundled.ensure_all_cached([NAME, other.name])
-    assert bundled.is_cached(NAME) and bundled.is_cached(other.name) and len(fake.exports) == 3
+    bundled.ensure_all_cached([other.name, NAME])
+    assert started == (["fake-other"] if children else [])
+    assert bundled.is_cached(NAME) and bundled.is_cached(other.name) == (not children)
+
+
+class _Done:
+    """A child process that has finished without error (its model is not converted)."""
+
+    returncode = 0
+
+    def communicate(self):
+        return "", None
+
+    def poll(self):
+        return 0

