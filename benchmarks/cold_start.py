@@ -5,7 +5,9 @@ converted) and warm (cache filled), each in a fresh Python process, as a user's 
 
 A child process imports ``recursivemas`` and builds the preset (before any generation) in a temporary
 ``RECURSIVEMAS_CACHE``; "loaded" is the time from starting the process to the built system, interpreter
-start-up included. Warm figures are the median of ``--warm-runs`` runs after one warm-up run.
+start-up included. Warm figures are the median of ``--warm-runs`` runs after one warm-up run. Each run
+records the 1-minute load average before it: a cold start converts in several processes only when it
+leaves a CPU free, and other work on the machine slows every figure.
 Writes benchmarks/results/cold_start.json and prints a Markdown table.
 """
 
@@ -42,6 +44,7 @@ print(json.dumps({"import_s": start - begin, "build_s": built - start, "loaded_a
 def start_up(preset: str, cache: str) -> dict:
     """One child process building ``preset`` with the model cache ``cache``: its timings, in seconds."""
     env = {**os.environ, "RECURSIVEMAS_CACHE": cache}
+    load = os.getloadavg()[0]  # the conversion runs side by side only with a CPU free (see models.bundled)
     started = time.time()
     done = subprocess.run(
         [sys.executable, "-c", CHILD, preset], env=env, capture_output=True, text=True, check=True
@@ -51,6 +54,7 @@ def start_up(preset: str, cache: str) -> dict:
         "loaded_s": report.pop("loaded_at") - started,
         **report,
         "converted": "first use of" in done.stderr,
+        "load_average_1min_before": load,
     }
 
 
