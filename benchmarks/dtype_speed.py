@@ -4,7 +4,8 @@
                                                        [--questions 100] [--max-new-tokens 32]
 
 Systems come from ``load_system`` as ``recursivemas run --dtype D`` builds them (the default preset, its
-trained links, its rounds and latent steps; links float32 in every case), on one thread.
+trained links, its rounds and latent steps; links float32 in every case), on one thread; a ``D+compile``
+entry (``int8+compile``) adds ``--compile``, whose compilation falls in the untimed warm-up round.
 
 Speed: the first 1 and 8 questions of the relay task (level 1, held-out rows, ``eval --task relay:1``),
 greedy, ``--max-new-tokens`` tokens at most, timed per ``RecursiveMAS.run`` call. The dtypes run
@@ -39,9 +40,18 @@ from recursivemas.system import RecursiveMAS
 
 RESULTS = Path(__file__).parent / "results"
 BATCHES = (1, 8)
+COMPILED = "compile"
+VARIANTS = [*DTYPE_CHOICES, *(f"{d}+{COMPILED}" for d in DTYPE_CHOICES)]
+"""``--dtypes`` values: every ``--dtype``, alone or with ``--compile`` (``int8+compile``)."""
 AGREEMENT_BATCH = INT8_MAX_ROWS
 """Agreement batches are small enough that int8's one-position steps take the int8 kernel, as a batch-1
 answer's do (larger batches multiply by the bfloat16 weights: they would measure bfloat16's answers)."""
+
+
+def load_variant(variant: str) -> RecursiveMAS:
+    """The default preset in ``variant``: a ``--dtype`` value, with ``+compile`` for ``--compile``."""
+    dtype, _, flag = variant.partition("+")
+    return load_system(None, None, dtype, "cpu", compile=flag == COMPILED)
 
 
 def inputs(task: Task, n: int) -> list[dict]:
@@ -78,14 +88,15 @@ def answers(system: RecursiveMAS, task: Task, n: int, gen: GenerationConfig) -> 
     return rows
 
 
-def peak_rss_mib(dtype: str, max_new_tokens: int) -> float:
-    """Peak resident MiB of a fresh process that loads the system in ``dtype`` and answers 8 questions."""
+def peak_rss_mib(variant: str, max_new_tokens: int) -> float:
+    """Peak resident MiB of a fresh process that loads the system as ``variant`` and answers 8 questions."""
+    dtype, _, flag = variant.partition("+")
     code = (
         "import re, torch; torch.set_num_threads(1)\n"
         "from recursivemas.agent import GenerationConfig\n"
         "from recursivemas.eval.tasks import load_task\n"
         "from recursivemas.loading import load_system\n"
-        f"s = load_system(None, None, {dtype!r}, 'cpu')\n"
+        f"s = load_system(None, None, {dtype!r}, 'cpu', compile={flag == COMPILED!r})\n"
         "t = load_task('relay:1', limit=8)\n"
         "rows = [{'question': e.question, 'context': e.context} for e in t.examples]\n"
         f"s.run(rows, generation=GenerationConfig(max_new_tokens={max_new_tokens}), batch_size=8)\n"
@@ -132,7 +143,7 @@ def table(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "int8"], choices=DTYPE_CHOICES)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "int8"], choices=VARIANTS)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--questions", type=int, default=100)
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -143,7 +154,7 @@ def main() -> None:
     torch.set_num_threads(1)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
     task = load_task("relay:1", limit=args.questions)
-    systems = {d: load_system(None, None, d, "cpu") for d in args.dtypes}
+    systems = {d: load_variant(d) for d in args.dtypes}
     with torch.inference_mode():
         times = speed(systems, task, gen, args.repeats)
         outputs = {d: answers(s, task, args.questions, gen) for d, s in systems.items()}
