@@ -16,6 +16,7 @@ import pytest
 from transformers import AutoTokenizer, GemmaTokenizer
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
+from recursivemas import models
 from recursivemas.cli import main
 from recursivemas.models import bundled
 
@@ -151,6 +152,22 @@ def test_same_size_same_mtime_corruption_is_caught_by_verification(fake, monkeyp
     monkeypatch.setenv(bundled.VERIFY_ENV, "1")  # every load hashes every file
     assert bundled.cache_problem(NAME) == "model.safetensors does not match its checksum"
     bundled.ensure_cached(NAME)
+    assert fake.weights.read_bytes() == WEIGHTS and len(fake.exports) == 2
+    assert "does not match its checksum); rebuilding it" in capsys.readouterr().err
+
+
+def test_a_verified_load_hashes_each_file_once_and_still_rebuilds(fake, monkeypatch, capsys):
+    """``load_models`` with $RECURSIVEMAS_VERIFY_CACHE: the side-by-side pre-check does not hash, the load's
+    own check does (once), so a cache corrupted in place is still rebuilt."""
+    monkeypatch.setenv(bundled.VERIFY_ENV, "1")
+    monkeypatch.setattr(models, "_from_pretrained", lambda spec, path, dtype, device: (spec, path))
+    hashed: list[str] = []
+    sha256_file = bundled.sha256_file
+    monkeypatch.setattr(bundled, "sha256_file", lambda path: hashed.append(path.name) or sha256_file(path))
+    assert models.load_models([NAME]) == {NAME: (NAME, str(fake.folder))}
+    assert sorted(hashed) == ["config.json", "model.safetensors"] and len(fake.exports) == 1
+    _corrupt_in_place(fake.weights)
+    models.load_models([NAME])
     assert fake.weights.read_bytes() == WEIGHTS and len(fake.exports) == 2
     assert "does not match its checksum); rebuilding it" in capsys.readouterr().err
 

@@ -53,7 +53,10 @@ def load_models(
     models among them that are not converted yet are converted first, side by side (see
     ``bundled.ensure_all_cached``): a first run converts both bundled models in the time of the slower."""
     specs = list(dict.fromkeys(specs))
-    ensure_all_cached(spec for spec in specs if spec in BUNDLED)
+    # Only size and modification time here: ``load_model`` checks each cache again under its lock, hashing
+    # every file when $RECURSIVEMAS_VERIFY_CACHE asks for it, and rebuilds what fails; hashing here too
+    # would read every cached file twice per load.
+    ensure_all_cached((spec for spec in specs if spec in BUNDLED), verify=False)
     return {spec: load_model(spec, dtype, device) for spec in specs}
 
 
