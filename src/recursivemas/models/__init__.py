@@ -50,8 +50,8 @@ def load_models(
     specs: Iterable[str], dtype: torch.dtype = torch.float32, device: str = "cpu"
 ) -> dict[str, tuple[Any, Any]]:
     """``{spec: (model, tokenizer)}``, each distinct spec loaded once, as ``load_model`` does. The bundled
-    models among them that are not converted yet are converted first, side by side (see
-    ``bundled.ensure_all_cached``): a first run converts both bundled models in the time of the slower."""
+    models among them that are not converted yet are converted first, side by side when enough CPUs
+    stand idle (see ``bundled.ensure_all_cached``), else one after another."""
     specs = list(dict.fromkeys(specs))
     # Only size and modification time here: ``load_model`` checks each cache again under its lock, hashing
     # every file when $RECURSIVEMAS_VERIFY_CACHE asks for it, and rebuilds what fails; hashing here too
