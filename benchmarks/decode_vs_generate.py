@@ -15,7 +15,9 @@ call (prefill included). The generated ids are checked to be identical. ``--comp
 ``StepConfig(compile=True)`` (static cache, compiled steps), ``generate`` with
 ``cache_implementation="static"`` (which it compiles by itself on CUDA). Writes
 ``results/decode_vs_generate.json`` (``decode_vs_generate-<device>-<dtype>[-compile].json`` for other
-settings) and prints a table.
+settings) and prints a table. ``--models`` also takes the random models of ``shapes.py``
+(``smollm2-shape gemma3-shape``: the real layer shapes with a tiny tokenizer, so a small LM head), for
+machines the bundled GGUFs cannot reach.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from shapes import SHAPES, shaped_agent
 from transformers import GenerationConfig as HFGenerationConfig
 
 from recursivemas.agent import Agent, GenerationConfig, PromptBatch, StepConfig
@@ -108,10 +111,10 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
 
 def measure(spec: str, args: argparse.Namespace) -> list[dict]:
     """Rows of one model: ours vs generate at each batch size."""
-    agent = Agent.from_pretrained(
-        spec,
-        "solver",
-        ROLE_TEMPLATES["solver"],
+    load = partial(shaped_agent, spec) if spec in SHAPES else partial(Agent.from_pretrained, spec)
+    agent = load(
+        name="solver",
+        template=ROLE_TEMPLATES["solver"],
         dtype=getattr(torch, args.dtype),
         device=args.device,
         step_config=StepConfig(compile=args.compile),

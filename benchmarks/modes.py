@@ -1,24 +1,30 @@
 """Latent vs text mode on the same graph, prompts and agents: decoded tokens and wall time at r = 1, 2, 3.
 
     python benchmarks/modes.py [--system shaped|tiny-random] [--questions 8] [--max-new-tokens 64]
-                               [--latent-steps 16] [--batch-size 8]
+                               [--latent-steps 16] [--batch-size 8] [--device cpu] [--dtype float32]
+                               [--compile]
 
 ``shaped``: random agents with SmolLM2-135M / Gemma-3-270M shapes (see shapes.py); random weights
-rarely emit EOS, so every text stage decodes ``--max-new-tokens`` tokens. Writes
-benchmarks/results/modes-SYSTEM.json and prints a Markdown table.
+rarely emit EOS, so every text stage decodes ``--max-new-tokens`` tokens. ``--device``/``--dtype`` place
+the shaped agents (links stay float32); ``--compile`` runs every latent and decode step over a static
+cache, compiled (``StepConfig(compile=True)``; CUDA graphs on CUDA). With ``--compile`` or on CUDA the
+whole measurement runs once untimed first (compiling, initialising CUDA's libraries).
+Writes benchmarks/results/modes-SYSTEM.json (``modes-SYSTEM-<device>-<dtype>[-compile].json`` for other
+settings) and prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
 from compare import compare_modes, modes_markdown
 from shapes import shaped_system
 
-from recursivemas import build_preset
+from recursivemas import StepConfig, build_preset
 
 RESULTS = Path(__file__).parent / "results"
 QUESTIONS = [
@@ -40,10 +46,23 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--latent-steps", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--compile", action="store_true", help="static caches and compiled steps")
     args = parser.parse_args()
-    system = shaped_system() if args.system == "shaped" else build_preset("tiny-random")
+    dtype = getattr(torch, args.dtype)
+    if args.system == "shaped":
+        system = shaped_system(dtype=dtype, device=args.device)
+    else:
+        system = build_preset("tiny-random", dtype=dtype, device=args.device)
+    system.set_step_config(StepConfig(compile=args.compile))
     questions = (QUESTIONS * (1 + args.questions // len(QUESTIONS)))[: args.questions]
-    rows = compare_modes(system, questions, args.max_new_tokens, args.latent_steps, args.batch_size)
+    measure = partial(
+        compare_modes, system, questions, args.max_new_tokens, args.latent_steps, args.batch_size
+    )
+    if args.compile or torch.device(args.device).type == "cuda":
+        measure()  # warm-up outside the timings: compiles the steps' graphs, initialises CUDA's libraries
+    rows = measure()
     result = {
         "command": "python benchmarks/modes.py "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
@@ -52,10 +71,13 @@ def main() -> None:
         "rows": rows,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"modes-{args.system}.json").write_text(json.dumps(result, indent=2) + "\n")
+    suffix = "" if (args.device, args.dtype) == ("cpu", "float32") else f"-{args.device}-{args.dtype}"
+    suffix += "-compile" if args.compile else ""
+    (RESULTS / f"modes-{args.system}{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(
         f"# Latent vs text mode ({args.system}, {len(questions)} questions, m={args.latent_steps}, "
-        f"max {args.max_new_tokens} new tokens per decode)\n"
+        f"max {args.max_new_tokens} new tokens per decode, {args.dtype} on {args.device}"
+        f"{', compiled steps' if args.compile else ''})\n"
     )
     print(modes_markdown(rows))
 

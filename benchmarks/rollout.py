@@ -8,7 +8,7 @@ raw transformers forward loop with a cache.
 ``torch.compile`` (``StepConfig``); the re-encode reference and the raw loop stay eager over a dynamic
 cache, so "our overhead" then says what they gain. The warm-up call before each timing compiles.
 Writes benchmarks/results/rollout.json (``rollout-<device>-<dtype>-<eager|static|compile>.json`` for other
-settings) and prints a Markdown table.
+settings, ``-b<batch>`` appended past batch 1) and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -80,9 +80,10 @@ def main() -> None:
     steps.add_argument("--compile", action="store_true", help="static KV cache and torch.compile'd steps")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    agent = shaped_agent(args.shape, "agent")
-    agent.model.to(device=args.device, dtype=getattr(torch, args.dtype))
-    agent.step_config = StepConfig(static_cache=args.static_cache, compile=args.compile)
+    step_config = StepConfig(static_cache=args.static_cache, compile=args.compile)
+    agent = shaped_agent(
+        args.shape, "agent", dtype=getattr(torch, args.dtype), device=args.device, step_config=step_config
+    )
     link = InnerLink(LinkConfig("agent", "inner", agent.hidden_size, agent.hidden_size)).to(agent.device)
     ids = torch.randint(0, len(agent.tokenizer), (args.batch, args.prompt_tokens))
     batch = agent.encode([[agent.embed(row)] for row in ids])
@@ -119,6 +120,7 @@ def main() -> None:
     }
     default = (agent.device.type, args.dtype, steps) == ("cpu", "float32", "eager")
     name = "rollout" if default else f"rollout-{agent.device.type}-{args.dtype}-{steps}"
+    name += f"-b{args.batch}" if args.batch != 1 else ""
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(

@@ -3,7 +3,9 @@
 ``smollm2-shape``: Llama, d=576, 30 layers, 9 heads / 3 KV heads, MLP 1536 (SmolLM2-135M).
 ``gemma3-shape``: Gemma3, d=640, 18 layers, 4 heads / 1 KV head, head dim 256, MLP 2048 (Gemma-3-270M).
 The vocabularies are the tiny tokenizers' (hundreds of tokens), so the LM head is cheaper than the
-real models'; latent steps never use the LM head, so rollout timings are unaffected.
+real models'; latent steps never use the LM head, so rollout timings are unaffected. Their names
+(``SHAPES``) are accepted wherever a benchmark takes a model, which lets the GPU benchmarks run where the
+bundled GGUFs cannot travel.
 """
 
 from __future__ import annotations
@@ -27,7 +29,19 @@ def _common(tok) -> dict:
     )
 
 
-def shaped_agent(shape: str, name: str, seed: int = 0) -> Agent:
+SHAPES = ("smollm2-shape", "gemma3-shape")
+
+
+def shaped_agent(
+    shape: str,
+    name: str,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    **agent_kwargs,
+) -> Agent:
+    """A random ``shape`` model (initialised in float32 from ``seed``, then cast to ``dtype`` on
+    ``device``) as agent ``name``; ``agent_kwargs`` go to ``Agent`` (template, step_config, ...)."""
     if shape == "smollm2-shape":
         tok = tiny_tokenizer("bytelevel")
         config = LlamaConfig(
@@ -53,17 +67,23 @@ def shaped_agent(shape: str, name: str, seed: int = 0) -> Agent:
     else:
         raise ValueError(f"unknown shape {shape!r}")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device=device, dtype=dtype)
     model.generation_config.eos_token_id = tok.eos_token_id
-    return Agent(name=name, model=model, tokenizer=tok, model_id=shape)
+    return Agent(name=name, model=model, tokenizer=tok, model_id=shape, **agent_kwargs)
 
 
-def shaped_system(rounds: int = 3, latent_steps: int = 16):
-    """Planner (smollm2-shape) -> Critic (gemma3-shape) -> Solver (smollm2-shape), training-free links."""
+def shaped_system(
+    rounds: int = 3,
+    latent_steps: int = 16,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+):
+    """Planner (smollm2-shape) -> Critic (gemma3-shape) -> Solver (smollm2-shape), training-free links
+    (float32, on the agents' device), agents in ``dtype`` on ``device``."""
     return sequential(
-        shaped_agent("smollm2-shape", "planner", 1),
-        shaped_agent("gemma3-shape", "critic", 2),
-        shaped_agent("smollm2-shape", "solver", 3),
+        shaped_agent("smollm2-shape", "planner", 1, dtype, device),
+        shaped_agent("gemma3-shape", "critic", 2, dtype, device),
+        shaped_agent("smollm2-shape", "solver", 3, dtype, device),
         rounds=rounds,
         latent_steps=latent_steps,
     )

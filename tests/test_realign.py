@@ -1,8 +1,10 @@
 """Training-free initialisations carry meaning before any training."""
 
+import pytest
 import torch
 
 from recursivemas import realign
+from recursivemas.errors import ConfigError
 from recursivemas.links import LinkConfig, OuterLink
 
 
@@ -60,6 +62,35 @@ def test_tied_ridge_equals_general_ridge():
     torch.testing.assert_close(
         realign.tied_ridge_realignment(w, 2.5), realign.ridge_realignment(w, 2.5 * w), atol=1e-4, rtol=1e-4
     )
+
+
+def test_tied_model_with_a_zero_first_row_gets_a_finite_realignment():
+    """``from_config`` zeroes the padding row; with pad id 0 and tied tables the scale was once 0/0."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from recursivemas import Agent
+    from recursivemas.models.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer("bytelevel")
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, tie_word_embeddings=True, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    assert model.get_input_embeddings().weight[0].abs().sum() == 0
+    agent = Agent(name="a", model=model, tokenizer=tok)
+    w_a = realign.TrainingFreeLinks("paper", cache=False).inner(agent).residual_proj.weight.T
+    table = model.get_input_embeddings().weight.detach()
+    torch.testing.assert_close(w_a, realign.ridge_realignment(table, table), atol=1e-4, rtol=1e-4)
+
+
+def test_a_non_finite_fit_is_refused_and_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECURSIVEMAS_CACHE", str(tmp_path))
+    links = realign.TrainingFreeLinks("paper")
+    with pytest.raises(ConfigError, match="not finite"):
+        links._fitted("inner-x", lambda: (torch.full((2, 2), float("nan")), 1.0))
+    assert not (tmp_path / "realign").exists()
 
 
 def test_fitted_maps_are_cached_on_disk_and_refitted_when_corrupt(tmp_path, monkeypatch):

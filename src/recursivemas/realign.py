@@ -25,6 +25,7 @@ is still an ordinary, trainable link.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +43,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-REALIGN_VERSION = 1  # bump when the fitting changes, so cached maps are refitted
+REALIGN_VERSION = 2  # bump when the fitting changes, so cached maps are refitted (2: tied scale from
+# the whole tables; version 1 stored NaN maps for tied models whose row 0 is zero)
 INNER_RIDGE_LAMBDA = 1e-5
 BRIDGE_RELATIVE_LAMBDA = 1e-3
 
@@ -170,7 +172,8 @@ class TrainingFreeLinks:
         w_out, w_in = agent.output_embedding_matrix(), self.embeddings(agent)
         head, table = agent.model.get_output_embeddings().weight, agent.model.get_input_embeddings().weight
         if head.data_ptr() == table.data_ptr():  # tied: W_in = scale · W_out
-            w_a = tied_ridge_realignment(w_out, float(w_in[0].norm() / w_out[0].norm()))
+            # the whole tables' norms: a single row can be zero (``padding_idx`` rows start at zero)
+            w_a = tied_ridge_realignment(w_out, float(w_in.norm() / w_out.norm()))
         else:
             w_a = ridge_realignment(w_out, w_in)
         return w_a, mean_row_norm(w_in)
@@ -191,6 +194,11 @@ class TrainingFreeLinks:
             except Exception as err:  # a corrupt or truncated file: refit below and overwrite it
                 logger.warning("ignoring unreadable realignment cache %s (%s)", path, err)
         matrix, norm = fit()
+        if not (torch.isfinite(matrix).all() and math.isfinite(norm)):
+            raise ConfigError(
+                f"the training-free fit {key!r} is not finite: the model's embedding tables hold NaN/inf "
+                "or are all zero; check the model's weights, or build with init 'identity' instead"
+            )
         if self.cache:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(
