@@ -114,6 +114,25 @@ def test_merge_adds_modes_to_an_earlier_report(tmp_path):
     assert (tmp_path / "parts" / "summary.json").read_text() == before
 
 
+def test_reports_record_compile_and_merge_only_with_the_same(tmp_path, capsys):
+    """``--compile`` is in the report's settings; a report from before that key counts as eager, and a
+    compiled run is not merged into an eager report."""
+    args = ["--task", "relay:1", "--limit", "2"]
+    first = _eval(tmp_path, "r", *args, "--modes", "single")
+    assert first["settings"]["compile"] is False
+    summary = tmp_path / "r" / "summary.json"
+    legacy = json.loads(summary.read_text())
+    del legacy["settings"]["compile"]
+    summary.write_text(json.dumps(legacy))
+    merged = _eval(tmp_path, "r", *args, "--modes", "latent", "--merge")
+    assert list(merged["modes"]) == ["single", "latent"] and merged["settings"]["compile"] is False
+    before = summary.read_text()
+    argv = ["eval", *FAST, "--output", str(tmp_path / "r"), *args, "--modes", "text", "--compile", "--merge"]
+    assert main(argv) == 2
+    assert "other settings (compile)" in capsys.readouterr().err
+    assert summary.read_text() == before
+
+
 def test_predictions_do_not_depend_on_batch_size(tmp_path):
     task = load_task("reasoning-gym:basic_arithmetic", limit=8, data_seed=1)
     system = build_preset("tiny-random", rounds=2, latent_steps=3)

@@ -129,6 +129,7 @@ def evaluate_command(opts: EvalOptions) -> int:
         "processes": state.num_processes,
         "device": opts.device,
         "dtype": opts.dtype,
+        "compile": opts.compile,
     }
     if sweep:
         best, accuracy = choose_latent_steps(system, task, list(sweep), settings)
@@ -228,7 +229,7 @@ def _earlier_report(out: Path, settings: dict) -> tuple[dict, list[Prediction]] 
         earlier = json.loads(summary_path.read_text())
         rows = [json.loads(line) for line in predictions_path.read_text().splitlines() if line]
         predictions = [Prediction(**row) for row in rows]
-        old = earlier["settings"]
+        old = {"compile": False, **earlier["settings"]}  # reports from before the key ran eager steps
     except (json.JSONDecodeError, TypeError, KeyError, OSError) as err:
         raise ConfigError(f"--merge: cannot read the report in {out} ({err}); use another --output") from None
     new = json.loads(json.dumps(settings))  # tuples as lists, as the file has them
