@@ -22,8 +22,9 @@ from typing import Any, NoReturn
 from tqdm import tqdm
 
 from recursivemas.agent import GenerationConfig
+from recursivemas.budget import MAX_LENGTH, check_context_budget
 from recursivemas.distributed import cpu_processes_requested, launch_cpu_workers
-from recursivemas.errors import ConfigError, InputError, RecursiveMASError
+from recursivemas.errors import InputError, RecursiveMASError
 from recursivemas.loading import COMPILE_HELP, DTYPE_CHOICES, DTYPE_HELP, load_system
 from recursivemas.models.bundled import BUNDLED, cache_problem, ensure_all_cached, model_dir
 from recursivemas.models.tiny import TINY_MODELS
@@ -38,7 +39,6 @@ LENS_TOP_K = 3
 LENS_STEPS_SHOWN = 8
 # Upper bounds checked before any model loads; the agents' context windows narrow the lengths after.
 MAX_ROUNDS = 32  # each round runs every agent again: beyond this a run takes unreasonably long
-MAX_LENGTH = 32768  # latent steps or new tokens per agent turn (the largest bundled context window)
 MAX_BATCH_SIZE = 1024
 
 
@@ -274,7 +274,7 @@ def run_command(opts: SystemOptions, questions: list[str], input_file: str | Non
     opts.generation()  # validate decoding settings before loading any model
     if any(row.pending for row in rows):
         system = opts.load()
-        check_context_budget(system, opts, [opts.mode])
+        check_context_budget(system, [opts.mode], opts.latent_steps, opts.max_new_tokens)
         try:
             answer_stream(system, rows, opts)
         except KeyboardInterrupt as stop:
@@ -315,92 +315,11 @@ def answer_stream(system: RecursiveMAS, rows: list[Row], opts: SystemOptions) ->
         raise KeyboardInterrupt(f"after {printer.answered} of {len(pending)} answers") from None
 
 
-def check_context_budget(system: RecursiveMAS, opts: SystemOptions, modes: Sequence[str]) -> None:
-    """Refuse ``--latent-steps``/``--max-new-tokens`` that leave an agent's context window no room for
-    the question, naming the largest values that fit (checked once the models, and so their context
-    windows, are known; a row whose own question is too long fails alone, at run time)."""
-    for mode in modes:
-        floors = {name: _prompt_floor(system, name, mode) for name in system.agents}
-        for name, agent in system.agents.items():
-            need = floors[name] + _positions(system, name, mode, opts.latent_steps, opts.max_new_tokens)
-            if need > agent.max_context:
-                raise ConfigError(
-                    f"in {mode} mode agent {name!r} needs {need} of its {agent.max_context} context "
-                    f"positions (a prompt of {floors[name]} before any question, plus latent inputs, "
-                    f"latent steps and new tokens); use {_budget_fixes(system, opts, mode, floors)}"
-                )
-
-
-def _budget_fixes(system: RecursiveMAS, opts: SystemOptions, mode: str, floors: dict[str, int]) -> str:
-    """The largest ``--latent-steps`` (other settings kept) and ``--max-new-tokens`` that fit every agent."""
-    fixes = []
-    if mode == "latent":
-        steps = _largest(lambda m: _fits(system, mode, floors, m, opts.max_new_tokens))
-        if steps:
-            fixes.append(f"--latent-steps at most {steps}")
-    tokens = _largest(lambda t: _fits(system, mode, floors, opts.latent_steps, t))
-    if tokens:
-        fixes.append(f"--max-new-tokens at most {tokens}")
-    return " or ".join(fixes) or "agents with longer context windows"
-
-
-def _fits(
-    system: RecursiveMAS, mode: str, floors: dict[str, int], latent_steps: int | None, max_new_tokens: int
-) -> bool:
-    """Whether every agent's prompt floor plus its added positions fits its context window."""
-    return all(
-        floors[name] + _positions(system, name, mode, latent_steps, max_new_tokens) <= agent.max_context
-        for name, agent in system.agents.items()
-    )
-
-
-def _prompt_floor(system: RecursiveMAS, name: str, mode: str) -> int:
-    """Text tokens of agent ``name``'s prompt for an empty question (its slots filled in ``mode``)."""
-    agent = system.agents[name]
-    if agent.template is None:
-        return 0
-    slots = set() if mode == "single" else {e.slot for e in system.config.incoming(name)}
-    texts = [piece for piece in agent.render("", None, slots) if isinstance(piece, str)]
-    return sum(len(ids) for ids in agent.tokenizer(texts, add_special_tokens=False)["input_ids"])
-
-
-def _positions(
-    system: RecursiveMAS, name: str, mode: str, latent_steps: int | None, max_new_tokens: int
-) -> int:
-    """Positions that agent ``name``'s turn adds to its prompt text: the messages it reads (latent
-    thoughts, or texts of up to ``max_new_tokens``), then its own thoughts or new tokens, whichever is
-    longer."""
-    config = system.config
-    answers = max_new_tokens if name == config.answerer else 0
-    if mode == "single":
-        return answers
-    incoming = config.incoming(name)
-    if mode == "text":
-        return (len(incoming) + 1) * max_new_tokens
-
-    def steps(agent: str) -> int:
-        return latent_steps or config.steps(agent)
-
-    return sum(steps(e.src) for e in incoming) + max(steps(name), answers)
-
-
-def _largest(fits: Callable[[int], bool], high: int = MAX_LENGTH) -> int:
-    """The largest value in ``[1, high]`` for which the monotone ``fits`` holds, 0 if none does."""
-    low, best = 1, 0
-    while low <= high:
-        middle = (low + high) // 2
-        if fits(middle):
-            best, low = middle, middle + 1
-        else:
-            high = middle - 1
-    return best
-
-
 def chat_command(opts: SystemOptions) -> int:
     """``recursivemas chat``: an interactive loop, one independent question per line."""
     opts.generation()
     system = opts.load()
-    check_context_budget(system, opts, [opts.mode])
+    check_context_budget(system, [opts.mode], opts.latent_steps, opts.max_new_tokens)
     mode = opts.mode
     print(
         "Ask a question (each line is answered on its own). Commands: /mode latent|text|single, /quit.",
@@ -434,7 +353,7 @@ def demo_command(opts: SystemOptions, question: str) -> int:
     item = MASInput.parse(question)
     opts.generation()
     system = opts.load()
-    check_context_budget(system, opts, ["latent", "text"])
+    check_context_budget(system, ["latent", "text"], opts.latent_steps, opts.max_new_tokens)
     results = {}
     for mode in ("latent", "text"):
         print(

@@ -133,6 +133,25 @@ def test_reports_record_compile_and_merge_only_with_the_same(tmp_path, capsys):
     assert summary.read_text() == before
 
 
+@pytest.mark.parametrize(
+    "args, fix",
+    [
+        (["--latent-steps", "30000"], "--latent-steps at most"),
+        (["--sweep-latent-steps", "2,30000"], "--latent-steps at most"),
+        (["--modes", "single,text", "--max-new-tokens", "30000"], "--max-new-tokens at most"),
+    ],
+)
+def test_lengths_past_the_context_window_are_refused_before_any_question(tmp_path, capsys, args, fix):
+    """Every mode's budget is checked once the models are loaded: a run whose latent mode cannot fit
+    does not first spend its time on the other modes."""
+    fast = [a for a in FAST if a not in ("--latent-steps", "3")]
+    out = tmp_path / "out"
+    assert main(["eval", *fast, "--task", "relay:1", "--limit", "2", "--output", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert "context" in err and fix in err and "eval relay:1" not in err
+    assert not (out / "summary.json").exists()
+
+
 def test_predictions_do_not_depend_on_batch_size(tmp_path):
     task = load_task("reasoning-gym:basic_arithmetic", limit=8, data_seed=1)
     system = build_preset("tiny-random", rounds=2, latent_steps=3)

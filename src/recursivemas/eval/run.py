@@ -26,6 +26,7 @@ from pathlib import Path
 from accelerate import PartialState
 from tqdm import tqdm
 
+from recursivemas.budget import check_context_budget
 from recursivemas.errors import ConfigError
 from recursivemas.eval.harness import (
     EVAL_MODES,
@@ -115,6 +116,9 @@ def evaluate_command(opts: EvalOptions) -> int:
             f"--relay-sender {sender!r} is not an agent of this system; "
             f"choose one of {', '.join(system.agents)}"
         )
+    budget_modes = sorted({"latent" if m == "latent-free" else m for m in settings.modes})
+    steps = max(sweep) if sweep else opts.latent_steps
+    check_context_budget(system, budget_modes, steps, opts.max_new_tokens)  # before any mode runs
     task = load_task(opts.task, opts.limit, opts.data_seed, opts.val_size, relay_sender=sender)
     report_settings = {
         **asdict(settings),
