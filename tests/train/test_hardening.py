@@ -216,6 +216,31 @@ def test_a_checkpoint_on_a_full_disk_is_clear_and_resume_continues_from_the_prev
     assert latest_checkpoint(checkpoints).name == "step-000004"
 
 
+def test_a_log_append_on_a_full_disk_is_clear_and_resume_keeps_a_clean_log(make_config, monkeypatch):
+    real_open = Path.open
+    appends: list[int] = []
+
+    def third_append_fails(self: Path, mode: str = "r", *args: object, **kwargs: object):
+        if self.name == "train_log.jsonl" and mode == "a":
+            appends.append(1)
+            if len(appends) == 5:  # validation at 0, steps 1-2, validation at 2; step 3: half a line, full
+                with real_open(self, mode, *args, **kwargs) as f:
+                    f.write('{"step": 3, "lo')
+                raise DISK_FULL
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", third_append_fails)
+    cfg = make_config()  # max_steps 4, a checkpoint every 2 steps
+    message = r"append step 3 to .*train_log\.jsonl \(.*No space left.*--resume"
+    with pytest.raises(CheckpointError, match=message):
+        Trainer(cfg).run()
+    monkeypatch.undo()
+    assert Trainer(cfg).run(resume=True).steps == 4
+    log = (Path(cfg.run.output) / "train_log.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in log]  # the cut line is gone
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+
+
 # --- item 9: data edited between a run and its resume -------------------------------------------------
 
 

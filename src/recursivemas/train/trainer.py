@@ -561,15 +561,26 @@ class Trainer:
 
 
 class _LogWriter:
-    """Appends JSON lines (main process only), flushed per line so a killed run keeps its log."""
+    """Appends JSON lines (main process only), flushed per line so a killed run keeps its log.
+
+    A failed append (a full disk) stops the run with a ``CheckpointError`` that says how to go on; a line
+    it cut short is dropped when the run resumes (``_truncate_log``)."""
 
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
 
     def write(self, record: dict) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        try:
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise CheckpointError(
+                f"cannot append step {record.get('step')} to {self.path} ({write_failure(err, self.path)}); "
+                "training stopped: free some space, then rerun with --resume (it restarts from the newest "
+                "checkpoint under checkpoints/)"
+            ) from None
 
 
 def _truncate_log(path: Path, step: int) -> None:
