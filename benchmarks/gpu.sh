@@ -6,7 +6,7 @@
 #
 #     bash benchmarks/gpu.sh            # PY=.venv/bin/python by default; results in benchmarks/results/
 #
-# Writes results/{rollout,decode_vs_generate,modes-shaped}-cuda-bfloat16-*.json.
+# Writes results/{rollout,decode_vs_generate,modes-shaped}-cuda-bfloat16*.json.
 set -u
 PY=${PY:-.venv/bin/python}
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/recursivemas-inductor}

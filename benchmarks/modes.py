@@ -7,16 +7,18 @@
 ``shaped``: random agents with SmolLM2-135M / Gemma-3-270M shapes (see shapes.py); random weights
 rarely emit EOS, so every text stage decodes ``--max-new-tokens`` tokens. ``--device``/``--dtype`` place
 the shaped agents (links stay float32); ``--compile`` runs every latent and decode step over a static
-cache, compiled (``StepConfig(compile=True)``; CUDA graphs on CUDA). With ``--compile`` or on CUDA the
-whole measurement runs once untimed first (compiling, initialising CUDA's libraries).
-Writes benchmarks/results/modes-SYSTEM.json (``modes-SYSTEM-<device>-<dtype>[-compile].json`` for other
-settings) and prints a Markdown table.
+cache, compiled (``StepConfig(compile=True)``; CUDA graphs on CUDA). With ``--compile`` the whole
+measurement runs once untimed first (compiling every graph it needs); on CUDA without it, one short
+question per mode (initialising CUDA's libraries). Writes benchmarks/results/modes-SYSTEM.json, with
+``-<device>-<dtype>`` appended unless on the CPU in float32 and ``-compile`` with ``--compile``, and prints
+a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -24,7 +26,7 @@ import torch
 from compare import compare_modes, modes_markdown
 from shapes import shaped_system
 
-from recursivemas import StepConfig, build_preset
+from recursivemas import GenerationConfig, StepConfig, build_preset
 
 RESULTS = Path(__file__).parent / "results"
 QUESTIONS = [
@@ -60,12 +62,15 @@ def main() -> None:
     measure = partial(
         compare_modes, system, questions, args.max_new_tokens, args.latent_steps, args.batch_size
     )
-    if args.compile or torch.device(args.device).type == "cuda":
-        measure()  # warm-up outside the timings: compiles the steps' graphs, initialises CUDA's libraries
+    if args.compile:
+        measure()  # warm-up outside the timings: compiles every graph the measured shapes need
+    elif torch.device(args.device).type == "cuda":  # initialise CUDA's libraries outside the timings
+        for mode in ("latent", "text"):
+            system.run(questions[:1], mode=mode, rounds=1, generation=GenerationConfig(max_new_tokens=2))
     rows = measure()
     result = {
-        "command": "python benchmarks/modes.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "command": " ".join(["python benchmarks/modes.py", *sys.argv[1:]]),
+        "settings": vars(args),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "rows": rows,

@@ -3,9 +3,9 @@
 ``smollm2-shape``: Llama, d=576, 30 layers, 9 heads / 3 KV heads, MLP 1536 (SmolLM2-135M).
 ``gemma3-shape``: Gemma3, d=640, 18 layers, 4 heads / 1 KV head, head dim 256, MLP 2048 (Gemma-3-270M).
 The vocabularies are the tiny tokenizers' (hundreds of tokens), so the LM head is cheaper than the
-real models'; latent steps never use the LM head, so rollout timings are unaffected. Their names
-(``SHAPES``) are accepted wherever a benchmark takes a model, which lets the GPU benchmarks run where the
-bundled GGUFs cannot travel.
+real models'; latent steps never use the LM head, so rollout timings are unaffected. ``rollout.py``
+(``--shape``), ``modes.py`` (``--system shaped``) and ``decode_vs_generate.py`` (``--models``, by the
+names in ``SHAPES``) run on them, which lets the GPU benchmarks run where the bundled GGUFs cannot go.
 """
 
 from __future__ import annotations

@@ -64,25 +64,29 @@ def test_tied_ridge_equals_general_ridge():
     )
 
 
-def test_tied_model_with_a_zero_first_row_gets_a_finite_realignment():
-    """``from_config`` zeroes the padding row; with pad id 0 and tied tables the scale was once 0/0."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_tied_model_with_a_zero_first_row_gets_a_finite_realignment(family):
+    """``from_config`` zeroes the padding row; with pad id 0 and tied tables the scale was once 0/0.
+    Gemma multiplies its input embeddings by sqrt(d): the tied fit must find that scale."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
     from recursivemas import Agent
     from recursivemas.models.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer("bytelevel")
-    config = LlamaConfig(
+    shape = dict(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, tie_word_embeddings=True, pad_token_id=0,
+        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True, pad_token_id=0,
     )  # fmt: skip
+    config = LlamaConfig(**shape) if family == "llama" else Gemma3TextConfig(head_dim=16, **shape)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     assert model.get_input_embeddings().weight[0].abs().sum() == 0
     agent = Agent(name="a", model=model, tokenizer=tok)
     w_a = realign.TrainingFreeLinks("paper", cache=False).inner(agent).residual_proj.weight.T
-    table = model.get_input_embeddings().weight.detach()
-    torch.testing.assert_close(w_a, realign.ridge_realignment(table, table), atol=1e-4, rtol=1e-4)
+    expected = realign.ridge_realignment(agent.output_embedding_matrix(), agent.input_embedding_matrix())
+    assert torch.isfinite(w_a).all()
+    torch.testing.assert_close(w_a, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_a_non_finite_fit_is_refused_and_not_cached(tmp_path, monkeypatch):
@@ -90,6 +94,8 @@ def test_a_non_finite_fit_is_refused_and_not_cached(tmp_path, monkeypatch):
     links = realign.TrainingFreeLinks("paper")
     with pytest.raises(ConfigError, match="not finite"):
         links._fitted("inner-x", lambda: (torch.full((2, 2), float("nan")), 1.0))
+    with pytest.raises(ConfigError, match="not finite"):
+        links._fitted("inner-y", lambda: (torch.eye(2), float("nan")))
     assert not (tmp_path / "realign").exists()
 
 

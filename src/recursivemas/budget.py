@@ -15,11 +15,16 @@ MAX_LENGTH = 32768  # latent steps or new tokens per agent turn (the largest bun
 
 
 def check_context_budget(
-    system: RecursiveMAS, modes: Sequence[str], latent_steps: int | None, max_new_tokens: int
+    system: RecursiveMAS,
+    modes: Sequence[str],
+    latent_steps: int | None,
+    max_new_tokens: int,
+    steps_flag: str = "--latent-steps",
 ) -> None:
     """Refuse ``--latent-steps``/``--max-new-tokens`` that leave an agent's context window no room for
     the question, naming the largest values that fit (checked once the models, and so their context
-    windows, are known; a row whose own question is too long fails alone, at run time)."""
+    windows, are known; a row whose own question is too long fails alone, at run time). ``steps_flag``
+    names the option the latent steps came from in that advice (``"--sweep-latent-steps values"``)."""
     for mode in modes:
         floors = {name: _prompt_floor(system, name, mode) for name in system.agents}
         for name, agent in system.agents.items():
@@ -29,19 +34,25 @@ def check_context_budget(
                     f"in {mode} mode agent {name!r} needs {need} of its {agent.max_context} context "
                     f"positions (a prompt of {floors[name]} before any question, plus latent inputs, "
                     f"latent steps and new tokens); use "
-                    f"{_budget_fixes(system, mode, floors, latent_steps, max_new_tokens)}"
+                    f"{_budget_fixes(system, mode, floors, latent_steps, max_new_tokens, steps_flag)}"
                 )
 
 
 def _budget_fixes(
-    system: RecursiveMAS, mode: str, floors: dict[str, int], latent_steps: int | None, max_new_tokens: int
+    system: RecursiveMAS,
+    mode: str,
+    floors: dict[str, int],
+    latent_steps: int | None,
+    max_new_tokens: int,
+    steps_flag: str,
 ) -> str:
-    """The largest ``--latent-steps`` (other settings kept) and ``--max-new-tokens`` that fit every agent."""
+    """The largest latent steps (named ``steps_flag``; other settings kept) and ``--max-new-tokens`` that
+    fit every agent."""
     fixes = []
     if mode == "latent":
         steps = _largest(lambda m: _fits(system, mode, floors, m, max_new_tokens))
         if steps:
-            fixes.append(f"--latent-steps at most {steps}")
+            fixes.append(f"{steps_flag} at most {steps}")
     tokens = _largest(lambda t: _fits(system, mode, floors, latent_steps, t))
     if tokens:
         fixes.append(f"--max-new-tokens at most {tokens}")

@@ -137,19 +137,29 @@ def test_reports_record_compile_and_merge_only_with_the_same(tmp_path, capsys):
     "args, fix",
     [
         (["--latent-steps", "30000"], "--latent-steps at most"),
-        (["--sweep-latent-steps", "2,30000"], "--latent-steps at most"),
+        (["--val-size", "2", "--sweep-latent-steps", "2,30000"], "--sweep-latent-steps values at most"),
+        (["--modes", "text", "--val-size", "2", "--sweep-latent-steps", "2,30000"], "--sweep-latent-steps"),
         (["--modes", "single,text", "--max-new-tokens", "30000"], "--max-new-tokens at most"),
     ],
 )
 def test_lengths_past_the_context_window_are_refused_before_any_question(tmp_path, capsys, args, fix):
     """Every mode's budget is checked once the models are loaded: a run whose latent mode cannot fit
-    does not first spend its time on the other modes."""
+    does not first spend its time on the other modes, nor a sweep on its smaller candidates (a sweep
+    runs latent mode whatever ``--modes`` says)."""
     fast = [a for a in FAST if a not in ("--latent-steps", "3")]
     out = tmp_path / "out"
     assert main(["eval", *fast, "--task", "relay:1", "--limit", "2", "--output", str(out), *args]) == 2
     err = capsys.readouterr().err
     assert "context" in err and fix in err and "eval relay:1" not in err
     assert not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("values", ["0,4", "4,40000", "-1"])
+def test_sweep_values_out_of_range_are_refused(tmp_path, capsys, values):
+    fast = [a for a in FAST if a not in ("--latent-steps", "3")]
+    argv = ["eval", *fast, "--task", "relay:1", "--output", str(tmp_path), f"--sweep-latent-steps={values}"]
+    assert main(argv) == 2
+    assert "--sweep-latent-steps values must be between 1 and" in capsys.readouterr().err
 
 
 def test_predictions_do_not_depend_on_batch_size(tmp_path):

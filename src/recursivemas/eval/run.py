@@ -26,7 +26,7 @@ from pathlib import Path
 from accelerate import PartialState
 from tqdm import tqdm
 
-from recursivemas.budget import check_context_budget
+from recursivemas.budget import MAX_LENGTH, check_context_budget
 from recursivemas.errors import ConfigError
 from recursivemas.eval.harness import (
     EVAL_MODES,
@@ -103,6 +103,8 @@ def evaluate_command(opts: EvalOptions) -> int:
     sweep = _int_list(opts.sweep_latent_steps, "--sweep-latent-steps") if opts.sweep_latent_steps else ()
     if sweep and opts.latent_steps is not None:
         raise ConfigError("give either --latent-steps or --sweep-latent-steps, not both")
+    if any(not 1 <= m <= MAX_LENGTH for m in sweep):
+        raise ConfigError(f"--sweep-latent-steps values must be between 1 and {MAX_LENGTH}, got {sweep}")
     out = Path(opts.output)
     check_writable_dir(out, "--output")
     state = PartialState(cpu=opts.device == "cpu")  # gloo on CPU, NCCL on GPUs
@@ -116,9 +118,13 @@ def evaluate_command(opts: EvalOptions) -> int:
             f"--relay-sender {sender!r} is not an agent of this system; "
             f"choose one of {', '.join(system.agents)}"
         )
-    budget_modes = sorted({"latent" if m == "latent-free" else m for m in settings.modes})
-    steps = max(sweep) if sweep else opts.latent_steps
-    check_context_budget(system, budget_modes, steps, opts.max_new_tokens)  # before any mode runs
+    budget_modes = {"latent" if m == "latent-free" else m for m in settings.modes}
+    if sweep:  # checked before any mode runs; a sweep runs latent mode whatever --modes says
+        budget_modes.add("latent")
+        steps, flag = max(sweep), "--sweep-latent-steps values"
+        check_context_budget(system, sorted(budget_modes), steps, opts.max_new_tokens, flag)
+    else:
+        check_context_budget(system, sorted(budget_modes), opts.latent_steps, opts.max_new_tokens)
     task = load_task(opts.task, opts.limit, opts.data_seed, opts.val_size, relay_sender=sender)
     report_settings = {
         **asdict(settings),
