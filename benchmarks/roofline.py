@@ -15,7 +15,9 @@ the default preset's: paper form, residual projection, norm rescaling); a decode
 greedy one (``agent.model`` on the previous token id with ``logits_to_keep=1``, then argmax). As a check
 that these describe what users run, at batch 1 the per-step time of the whole ``Agent.think`` /
 ``Agent.decode`` is also taken, as (time of 1 + steps - time of 1) / steps (``library_ms``; EOS is disabled
-for the decode).
+for the decode). To split a step's time between its matrix products and the rest (attention, norms, rotary
+embeddings, cache updates, Python), every ``nn.Linear`` of the transformer layers is also timed alone,
+run once each in order on a random (batch, in) input (``linears_ms``, with its own bound).
 
 Bound: bytes read per step / copy bandwidth. A latent step reads every transformer layer and the final norm,
 the inner link and the KV cache (no embedding row: its input is a vector; no LM head). A decode step reads
@@ -126,6 +128,20 @@ def library_step(agent: Agent, link: InnerLink, batch: PromptBatch, steps: int, 
         agent.eos_ids = eos
 
 
+def linears(agent: Agent, batch: int, repeats: int) -> tuple[float, int]:
+    """(median seconds, weight bytes) of every ``nn.Linear`` of the transformer layers run once, in order,
+    on a random (batch, in) input: a step's matrix products alone, without what surrounds them."""
+    layers = [m for m in agent.backbone.modules() if isinstance(m, torch.nn.Linear)]
+    widths = {m.in_features for m in layers}
+    inputs = {n: torch.randn(batch, n, dtype=agent.dtype, device=agent.device) for n in widths}
+
+    def run() -> None:
+        for m in layers:
+            m(inputs[m.in_features])
+
+    return statistics.median(wall_times(run, repeats)), sum(param_bytes(m) for m in layers)
+
+
 def measure(spec: str, args: argparse.Namespace, gbps: float) -> list[dict]:
     """Rows of one model: latent and decode steps at each batch size."""
     agent = Agent.from_pretrained(spec, "agent", dtype=getattr(torch, args.dtype))
@@ -136,6 +152,7 @@ def measure(spec: str, args: argparse.Namespace, gbps: float) -> list[dict]:
     rows = []
     for b in args.batches:
         batch = prompt(agent, b, args.prompt_tokens)
+        linear_s, linear_bytes = linears(agent, b, args.steps * args.rollouts)
         for kind in ("latent", "decode"):
             runs = [rollout(agent, link, batch, args.steps, kind) for _ in range(args.rollouts + 1)]
             samples = [s for run in runs[1:] for s in run]  # the first rollout is the warm-up
@@ -154,6 +171,8 @@ def measure(spec: str, args: argparse.Namespace, gbps: float) -> list[dict]:
                 "cache_positions": [samples[0][1], samples[-1][1]],
                 "samples": len(samples),
                 "tied_embeddings": emb.data_ptr() == head.data_ptr(),
+                "linears_ms": 1e3 * linear_s,
+                "linears_bound_ms": 1e3 * linear_bytes / (gbps * 1e9),
             }
             if b == 1:
                 row["library_ms"] = 1e3 * library_step(agent, link, batch, args.steps, kind, args.rollouts)
@@ -199,12 +218,12 @@ def main() -> None:
         f"\nBandwidth (torch, {result['threads']} threads, 1 GiB float32): copy {bw['copy_gbps']:.1f} GB/s "
         f"(read + write bytes; the bound uses this), sum {bw['read_gbps']:.1f} GB/s (read bytes)\n"
     )
-    print("| model | step | batch | ms measured | ms bound | ratio |")
-    print("|---|---|---|---|---|---|")
+    print("| model | step | batch | ms measured | ms bound | ratio | layers' Linears alone: ms (bound) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['model']} | {r['step']} | {r['batch']} | {r['ms']:.1f} | {r['bound_ms']:.1f} | "
-            f"x{r['ratio']:.2f} |"
+            f"x{r['ratio']:.2f} | {r['linears_ms']:.1f} ({r['linears_bound_ms']:.1f}) |"
         )
     lib = [f"{r['model']} {r['step']} {r['library_ms']:.1f} ms" for r in rows if "library_ms" in r]
     if lib:
