@@ -95,14 +95,24 @@ def stage_summary(config: Path, preset: str) -> list[str]:
     ]
 
 
-def eval_tables(preset: str) -> list[str]:
-    """One table per kind (relay, task ladder), one row per (task, mode), from
-    ``results/<kind>/<preset>/<task>/summary.json``."""
-    titles = {
-        "relay": f"{TABLES_START}, greedy, strict scoring (`benchmarks/relay.sh`)",
-        "ladder": f"{LADDER_START}, greedy, strict scoring (`benchmarks/ladder.sh`)",
+STARTS = {"relay": TABLES_START, "ladder": LADDER_START}
+
+
+def kind_tables(preset: str) -> dict[str, list[str]]:
+    """Kind (relay, ladder) -> its table's lines (title, blank, header, rows, blank), one row per (task,
+    mode), from the float32 runs' ``results/<kind>/<preset>/<task>/summary.json``; kinds without results
+    are left out."""
+    scripts = {"relay": "relay.sh", "ladder": "ladder.sh"}
+    tables = {
+        kind: _table(preset, kind, f"{start}, greedy, strict scoring (`benchmarks/{scripts[kind]}`)")
+        for kind, start in STARTS.items()
     }
-    return [line for kind, title in titles.items() for line in _table(preset, kind, title)]
+    return {kind: lines for kind, lines in tables.items() if lines}
+
+
+def eval_tables(preset: str) -> list[str]:
+    """Every kind's table, one after the other (see ``kind_tables``)."""
+    return [line for lines in kind_tables(preset).values() for line in lines]
 
 
 def _table(preset: str, kind: str, title: str) -> list[str]:
@@ -117,6 +127,8 @@ def _table(preset: str, kind: str, title: str) -> list[str]:
     ]
     for path in summaries:
         doc = json.loads(path.read_text())
+        if doc["settings"].get("dtype", "float32") != "float32":
+            continue  # the card describes the links as shipped, in float32 (e.g. sum-1d-int8 is not)
         for mode, m in doc["modes"].items():
             low, high = m["accuracy_ci95"]
             lines.append(
@@ -164,13 +176,26 @@ def main() -> None:
 
 
 def refresh_tables(preset: str) -> None:
-    """Replace everything from the first evaluation table of the shipped card on with fresh tables."""
+    """Replace each evaluation table of the shipped card (its title line, then the table) by a fresh one,
+    keeping every other line, hand-written paragraphs after a table included; a kind the card has no table
+    for yet is added at the end."""
     path = WEIGHTS_DIR / preset / "README.md"
-    lines = path.read_text().splitlines()
-    starts = (TABLES_START, LADDER_START)
-    cut = next((i for i, line in enumerate(lines) if line.startswith(starts)), len(lines))
-    kept = "\n".join(lines[:cut]).rstrip()
-    path.write_text("\n".join([kept, "", *eval_tables(preset)]).rstrip() + "\n")
+    lines, fresh = path.read_text().splitlines(), kind_tables(preset)
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        kind = next((k for k, start in STARTS.items() if lines[i].startswith(start)), None)
+        if kind is None:
+            out.append(lines[i])
+            i += 1
+            continue
+        i += 1  # the title
+        while i < len(lines) and (not lines[i].strip() or lines[i].startswith("|")):
+            i += 1  # the blank lines and table rows below it
+        out.extend(fresh.pop(kind, []))
+    for table in fresh.values():
+        out.extend(["", *table])
+    path.write_text("\n".join(out).rstrip() + "\n")
     print(f"refreshed the tables of {path}")
 
 
