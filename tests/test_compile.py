@@ -17,6 +17,7 @@ from torch._dynamo.utils import counters
 
 from recursivemas import GenerationConfig, StepConfig, build_preset
 from recursivemas.errors import ConfigError
+from recursivemas.loading import compile_tip
 
 from .conftest import QUESTIONS
 from .test_agent import ARCHS, _batch, _link, assert_close_to_reference
@@ -132,6 +133,16 @@ def test_compiled_steps_on_cuda_with_cuda_graphs(tiny_agents, dtype, rel):
     assert_close_to_reference(fast.hidden.float(), eager.hidden.float(), rel)
     if dtype == torch.float32:
         assert tokens == eager_tokens
+
+
+@pytest.mark.parametrize(
+    "device, compile, tip",
+    [("cuda", False, True), ("cuda:1", False, True), ("cuda", True, False), ("cpu", False, False)],
+)
+def test_loading_on_cuda_without_compile_suggests_it(device, compile, tip):
+    advice = compile_tip(device, compile)
+    assert (advice is not None) == tip
+    assert advice is None or "--compile" in advice
 
 
 def test_step_config_settings():
