@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import recursivemas.serve
-from recursivemas import RecursiveMAS, build_preset, cli
+from recursivemas import RecursiveMAS, StepConfig, build_preset, cli
 from recursivemas.cli import main
 from recursivemas.eval import run as eval_run
 from recursivemas.loading import DTYPE_CHOICES, load_system
@@ -266,3 +266,12 @@ def test_dtype_int8_loads_int8_agents(monkeypatch, tmp_path, command):
     for agent in system.agents.values():
         assert agent.dtype == torch.bfloat16
         assert any(isinstance(m, Int8Linear) for m in agent.backbone.modules())
+
+
+@pytest.mark.parametrize("command", LOADING_COMMANDS)
+@pytest.mark.parametrize("flag, compiled", [([], False), (["--compile"], True)])
+def test_cli_compile_flag_sets_every_agents_steps(monkeypatch, tmp_path, command, flag, compiled):
+    """Every command that loads a system takes ``--compile``; the system it runs (for ``serve``: the one its
+    server's factory returns) has every agent's steps compiled, and only with the flag."""
+    system = loaded_by(monkeypatch, *command_line(command, tmp_path), *flag)
+    assert [a.step_config for a in system.agents.values()] == [StepConfig(compile=compiled)] * 3
