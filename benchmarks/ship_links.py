@@ -95,16 +95,15 @@ def stage_summary(config: Path, preset: str) -> list[str]:
     ]
 
 
-STARTS = {"relay": TABLES_START, "ladder": LADDER_START}
+STARTS = {"relay": TABLES_START, "ladder": LADDER_START}  # kind -> its table's title; made by <kind>.sh
 
 
 def kind_tables(preset: str) -> dict[str, list[str]]:
     """Kind (relay, ladder) -> its table's lines (title, blank, header, rows, blank), one row per (task,
     mode), from the float32 runs' ``results/<kind>/<preset>/<task>/summary.json``; kinds without results
     are left out."""
-    scripts = {"relay": "relay.sh", "ladder": "ladder.sh"}
     tables = {
-        kind: _table(preset, kind, f"{start}, greedy, strict scoring (`benchmarks/{scripts[kind]}`)")
+        kind: _table(preset, kind, f"{start}, greedy, strict scoring (`benchmarks/{kind}.sh`)")
         for kind, start in STARTS.items()
     }
     return {kind: lines for kind, lines in tables.items() if lines}

@@ -37,6 +37,9 @@ FAST = [
 ]
 
 
+FREE_STEPS = [a for a in FAST if a not in ("--latent-steps", "3")]  # tests that set the steps
+
+
 def _eval(tmp_path: Path, name: str, *args: str) -> dict:
     out = tmp_path / name
     assert main(["eval", *FAST, "--output", str(out), *args]) == 0
@@ -146,9 +149,8 @@ def test_lengths_past_the_context_window_are_refused_before_any_question(tmp_pat
     """Every mode's budget is checked once the models are loaded: a run whose latent mode cannot fit
     does not first spend its time on the other modes, nor a sweep on its smaller candidates (a sweep
     runs latent mode whatever ``--modes`` says)."""
-    fast = [a for a in FAST if a not in ("--latent-steps", "3")]
     out = tmp_path / "out"
-    assert main(["eval", *fast, "--task", "relay:1", "--limit", "2", "--output", str(out), *args]) == 2
+    assert main(["eval", *FREE_STEPS, "--task", "relay:1", "--limit", "2", "--output", str(out), *args]) == 2
     err = capsys.readouterr().err
     assert "context" in err and fix in err and "eval relay:1" not in err
     assert not (out / "summary.json").exists()
@@ -156,8 +158,15 @@ def test_lengths_past_the_context_window_are_refused_before_any_question(tmp_pat
 
 @pytest.mark.parametrize("values", ["0,4", "4,40000", "-1"])
 def test_sweep_values_out_of_range_are_refused(tmp_path, capsys, values):
-    fast = [a for a in FAST if a not in ("--latent-steps", "3")]
-    argv = ["eval", *fast, "--task", "relay:1", "--output", str(tmp_path), f"--sweep-latent-steps={values}"]
+    argv = [
+        "eval",
+        *FREE_STEPS,
+        "--task",
+        "relay:1",
+        "--output",
+        str(tmp_path),
+        f"--sweep-latent-steps={values}",
+    ]
     assert main(argv) == 2
     assert "--sweep-latent-steps values must be between 1 and" in capsys.readouterr().err
 

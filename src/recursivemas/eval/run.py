@@ -118,13 +118,13 @@ def evaluate_command(opts: EvalOptions) -> int:
             f"--relay-sender {sender!r} is not an agent of this system; "
             f"choose one of {', '.join(system.agents)}"
         )
+    # checked before any mode runs; a sweep runs latent mode whatever --modes says
     budget_modes = {"latent" if m == "latent-free" else m for m in settings.modes}
-    if sweep:  # checked before any mode runs; a sweep runs latent mode whatever --modes says
+    steps, flag = opts.latent_steps, "--latent-steps"
+    if sweep:
         budget_modes.add("latent")
         steps, flag = max(sweep), "--sweep-latent-steps values"
-        check_context_budget(system, sorted(budget_modes), steps, opts.max_new_tokens, flag)
-    else:
-        check_context_budget(system, sorted(budget_modes), opts.latent_steps, opts.max_new_tokens)
+    check_context_budget(system, sorted(budget_modes), steps, opts.max_new_tokens, flag)
     task = load_task(opts.task, opts.limit, opts.data_seed, opts.val_size, relay_sender=sender)
     report_settings = {
         **asdict(settings),
