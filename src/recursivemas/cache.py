@@ -50,3 +50,9 @@ def step_mask(
     return build(
         config=module.config, inputs_embeds=shape, attention_mask=mask, cache=cache, position_ids=positions
     )
+
+
+def cache_layers(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's (B, H_kv, held, D) keys and values in a dynamic ``cache`` (a sliding-window layer holds
+    only its last ``window - 1`` positions)."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
