@@ -5,16 +5,19 @@
 
 Systems come from ``load_system`` as ``recursivemas run --dtype D`` builds them (the default preset, its
 trained links, its rounds and latent steps; links float32 in every case), on one thread; a ``D+compile``
-entry (``int8+compile``) adds ``--compile``, whose compilation falls in the untimed warm-up round.
+entry (``int8+compile``) adds ``--compile``, whose compilation falls in the untimed warm-up round, and a
+``D+transformers`` entry runs every one-position step as a ``model(...)`` call (``StepConfig(fast=False)``,
+the library's only path before ``fast_step.FastSteps``). The first entry is the reference of the speed
+ratios and of the agreement columns; it must be a float32 one.
 
 Speed: the first 1 and 8 questions of the relay task (level 1, held-out rows, ``eval --task relay:1``),
 greedy, ``--max-new-tokens`` tokens at most, timed per ``RecursiveMAS.run`` call. The dtypes run
-interleaved in ``--repeats`` rounds after a warm-up round, so their ratios to float32 come from calls
+interleaved in ``--repeats`` rounds after a warm-up round, so their ratios to the reference come from calls
 seconds apart; figures are medians. Memory: the peak resident set (``VmHWM``; ``ru_maxrss`` would
 carry the parent's over ``exec``) of a fresh process per
 dtype that loads the system and answers one batch of 8. Agreement: every dtype answers ``--questions``
 relay questions in batches of 8 (``INT8_MAX_ROWS``, so int8 steps take the int8 kernel); the share of
-final texts and of extracted answers identical to float32's, and each dtype's strict relay accuracy
+final texts and of extracted answers identical to the reference's, and each dtype's strict relay accuracy
 (Wilson 95% interval). Writes
 ``results/dtype_speed.json`` and prints a Markdown table.
 """
@@ -31,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from recursivemas.agent import GenerationConfig
+from recursivemas.agent import GenerationConfig, StepConfig
 from recursivemas.eval.harness import wilson_interval
 from recursivemas.eval.tasks import Task, load_task
 from recursivemas.loading import DTYPE_CHOICES, load_system
@@ -40,18 +43,21 @@ from recursivemas.system import RecursiveMAS
 
 RESULTS = Path(__file__).parent / "results"
 BATCHES = (1, 8)
-COMPILED = "compile"
-VARIANTS = [*DTYPE_CHOICES, *(f"{d}+{COMPILED}" for d in DTYPE_CHOICES)]
-"""``--dtypes`` values: every ``--dtype``, alone or with ``--compile`` (``int8+compile``)."""
+COMPILED, TRANSFORMERS = "compile", "transformers"
+VARIANTS = [*DTYPE_CHOICES, *(f"{d}+{f}" for f in (COMPILED, TRANSFORMERS) for d in DTYPE_CHOICES)]
+"""``--dtypes`` values: every ``--dtype``, alone, with ``--compile`` (``int8+compile``) or with
+transformers' forward for every step (``float32+transformers``)."""
 AGREEMENT_BATCH = INT8_MAX_ROWS
 """Agreement batches are small enough that int8's one-position steps take the int8 kernel, as a batch-1
 answer's do (larger batches multiply by the bfloat16 weights: they would measure bfloat16's answers)."""
 
 
 def load_variant(variant: str) -> RecursiveMAS:
-    """The default preset in ``variant``: a ``--dtype`` value, with ``+compile`` for ``--compile``."""
+    """The default preset in ``variant``: a ``--dtype`` value, with ``+compile`` for ``--compile``, with
+    ``+transformers`` for ``StepConfig(fast=False)``."""
     dtype, _, flag = variant.partition("+")
-    return load_system(None, None, dtype, "cpu", compile=flag == COMPILED)
+    system = load_system(None, None, dtype, "cpu", compile=flag == COMPILED)
+    return system.set_step_config(StepConfig(fast=False)) if flag == TRANSFORMERS else system
 
 
 def inputs(task: Task, n: int) -> list[dict]:
@@ -90,13 +96,13 @@ def answers(system: RecursiveMAS, task: Task, n: int, gen: GenerationConfig) -> 
 
 def peak_rss_mib(variant: str, max_new_tokens: int) -> float:
     """Peak resident MiB of a fresh process that loads the system as ``variant`` and answers 8 questions."""
-    dtype, _, flag = variant.partition("+")
     code = (
-        "import re, torch; torch.set_num_threads(1)\n"
+        "import re, sys, torch; torch.set_num_threads(1)\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from dtype_speed import load_variant\n"
         "from recursivemas.agent import GenerationConfig\n"
         "from recursivemas.eval.tasks import load_task\n"
-        "from recursivemas.loading import load_system\n"
-        f"s = load_system(None, None, {dtype!r}, 'cpu', compile={flag == COMPILED!r})\n"
+        f"s = load_variant({variant!r})\n"
         "t = load_task('relay:1', limit=8)\n"
         "rows = [{'question': e.question, 'context': e.context} for e in t.examples]\n"
         f"s.run(rows, generation=GenerationConfig(max_new_tokens={max_new_tokens}), batch_size=8)\n"
@@ -125,7 +131,8 @@ def agreement(rows: list[dict], reference: list[dict]) -> dict:
 
 def table(report: dict) -> str:
     lines = [
-        "| dtype | batch 1: s (x vs float32) | batch 8: s (x vs float32) | peak RSS MiB | same text | "
+        f"| dtype | batch 1: s (x vs {report['reference']}) | batch 8: s (x vs {report['reference']}) | "
+        "peak RSS MiB | same text | "
         "same answer | relay:1 accuracy (95% CI; distinct answers) |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -149,8 +156,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--output", type=Path, default=RESULTS / "dtype_speed.json")
     args = parser.parse_args()
-    if args.dtypes[0] != "float32":
-        parser.error("the first --dtypes entry must be float32 (the reference)")
+    reference = args.dtypes[0]
+    if not reference.startswith("float32"):
+        parser.error("the first --dtypes entry is the reference: it must be float32 or float32+...")
     torch.set_num_threads(1)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
     task = load_task("relay:1", limit=args.questions)
@@ -161,9 +169,10 @@ def main() -> None:
     del systems
     report = {
         "settings": {**vars(args), "output": str(args.output), "threads": 1, "torch": torch.__version__},
+        "reference": reference,
         "dtypes": {},
     }
-    base = {b: statistics.median(times["float32"][b]) for b in BATCHES}
+    base = {b: statistics.median(times[reference][b]) for b in BATCHES}
     for name in args.dtypes:
         medians = {b: statistics.median(times[name][b]) for b in BATCHES}
         report["dtypes"][name] = {
@@ -171,7 +180,7 @@ def main() -> None:
             "median_s": {str(b): medians[b] for b in BATCHES},
             "speedup": {str(b): base[b] / medians[b] for b in BATCHES},
             "peak_rss_mib": peak_rss_mib(name, args.max_new_tokens),
-            "agreement": agreement(outputs[name], outputs["float32"]),
+            "agreement": agreement(outputs[name], outputs[reference]),
             "answers": outputs[name],
         }
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -8,11 +8,13 @@ read + write bytes (2 x 1 GiB per copy); a read-only ``src.sum()`` figure is rec
 
 Steps: each rollout prefills a random ``--prompt-tokens`` prompt (untimed), then times ``--steps``
 one-position steps one by one, so the KV cache spans prompt + 1 .. prompt + steps, as in an m = 16 rollout.
-The first rollout is warm-up; the figure is the median over the others. The steps are raw model forwards
-written as the library's loop bodies, with its helpers: a latent step is ``Agent.think``'s
-(``agent.backbone`` on ``inputs_embeds`` = R_in(h) of the previous step, then the inner link, shaped like
-the default preset's: paper form, residual projection, norm rescaling); a decode step is ``Agent.decode``'s
-greedy one (``agent.model`` on the previous token id with ``logits_to_keep=1``, then argmax). As a check
+The first rollout is warm-up; the figure is the median over the others. The steps are the library's loop
+bodies: a latent step is ``Agent.think``'s (R_in(h) of the previous step in, the last-layer hidden state
+out, then the inner link, shaped like the default preset's: paper form, residual projection, norm
+rescaling); a decode step is ``Agent.decode``'s greedy one (the previous token id in, logits out, then
+argmax). Each runs through ``fast_step.FastSteps``, as the library does by default (``ms``), and, in
+alternate rollouts, as raw ``model(...)`` calls over the prefill's ``DynamicCache`` with
+``logits_to_keep=1`` (``transformers_ms``, the library's path before ``FastSteps``). As a check
 that these describe what users run, at batch 1 the per-step time of the whole ``Agent.think`` /
 ``Agent.decode`` is also taken, as (time of 1 + steps - time of 1) / steps (``library_ms``; EOS is disabled
 for the decode). To split a step's time between its matrix products and the rest (attention, norms, rotary
@@ -41,6 +43,7 @@ from rollout import wall_times
 
 from recursivemas.agent import Agent, GenerationConfig, PromptBatch, position_ids
 from recursivemas.cache import cache_kwargs, cache_length, new_cache
+from recursivemas.fast_step import FastSteps
 from recursivemas.links import InnerLink, LinkConfig
 from recursivemas.models.bundled import BUNDLED
 
@@ -82,24 +85,36 @@ def prompt(agent: Agent, batch: int, tokens: int) -> PromptBatch:
 
 
 def rollout(
-    agent: Agent, link: InnerLink, batch: PromptBatch, steps: int, kind: str
+    agent: Agent, link: InnerLink, batch: PromptBatch, steps: int, kind: str, runtime: str
 ) -> list[tuple[float, int]]:
-    """(seconds, cache length after the step) of each one-position step after an untimed prefill."""
+    """(seconds, cache length after the step) of each one-position step after an untimed prefill, run by
+    ``FastSteps`` (``runtime="fast"``, what the library runs by default) or as ``model(...)`` calls over
+    the prefill's ``DynamicCache`` (``"transformers"``)."""
+    latent = kind == "latent"
     cache, mask = new_cache(agent.model), batch.mask
-    pos, times = position_ids(mask), []
-    if kind == "latent":  # Agent.think's loop body
-        module, kw = agent.backbone, cache_kwargs(agent.backbone, cache)
-        h = module(inputs_embeds=batch.embeds, attention_mask=mask, position_ids=pos, **kw).last_hidden_state
-        x = link(h[:, -1]).to(agent.dtype)[:, None]
-    else:  # Agent.decode's greedy loop body
-        module, kw = agent.model, {**cache_kwargs(agent.model, cache), "logits_to_keep": 1}
-        out = module(inputs_embeds=batch.embeds, attention_mask=mask, position_ids=pos, **kw)
+    pos = position_ids(mask)
+    module = agent.backbone if latent else agent.model  # Agent.think's / Agent.decode's loop body
+    kw = {**cache_kwargs(module, cache), **({} if latent else {"logits_to_keep": 1})}
+    out = module(inputs_embeds=batch.embeds, attention_mask=mask, position_ids=pos, **kw)
+    if latent:
+        x = link(out.last_hidden_state[:, -1]).to(agent.dtype)[:, None]
+    else:
         nxt = out.logits[:, -1].float().argmax(-1)
+    head = None if latent else agent.model.get_output_embeddings()
+    fast = FastSteps(agent.backbone, cache, mask, pos, steps, head) if runtime == "fast" else None
+    times = []
     for _ in range(steps):
         start = time.perf_counter()
+        if fast is not None:
+            if latent:
+                x = link(fast.step(inputs_embeds=x)).to(agent.dtype)[:, None]
+            else:
+                nxt = fast.step(input_ids=nxt[:, None]).argmax(-1)
+            times.append((time.perf_counter() - start, fast.length))
+            continue
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         pos = pos[:, -1:] + 1
-        if kind == "latent":
+        if latent:
             out = module(inputs_embeds=x, attention_mask=mask, position_ids=pos, **kw)
             x = link(out.last_hidden_state[:, -1]).to(agent.dtype)[:, None]
         else:
@@ -154,8 +169,13 @@ def measure(spec: str, args: argparse.Namespace, gbps: float) -> list[dict]:
         batch = prompt(agent, b, args.prompt_tokens)
         linear_s, linear_bytes = linears(agent, b, args.steps * args.rollouts)
         for kind in ("latent", "decode"):
-            runs = [rollout(agent, link, batch, args.steps, kind) for _ in range(args.rollouts + 1)]
-            samples = [s for run in runs[1:] for s in run]  # the first rollout is the warm-up
+            samples, baseline = [], []
+            for i in range(args.rollouts + 1):  # the two runtimes interleaved; the first round warms up
+                fast = rollout(agent, link, batch, args.steps, kind, "fast")
+                slow = rollout(agent, link, batch, args.steps, kind, "transformers")
+                if i > 0:
+                    samples += fast
+                    baseline += [t for t, _ in slow]
             fixed = layers + (param_bytes(link) if kind == "latent" else (head.numel() + b * d) * elem)
             kv = statistics.median(kv_bytes(agent, b, n) for _, n in samples)
             measured = statistics.median(t for t, _ in samples)
@@ -164,6 +184,7 @@ def measure(spec: str, args: argparse.Namespace, gbps: float) -> list[dict]:
                 "step": kind,
                 "batch": b,
                 "ms": 1e3 * measured,
+                "transformers_ms": 1e3 * statistics.median(baseline),
                 "bound_ms": 1e3 * (fixed + kv) / (gbps * 1e9),
                 "ratio": measured / ((fixed + kv) / (gbps * 1e9)),
                 "weight_bytes": fixed,
@@ -218,12 +239,16 @@ def main() -> None:
         f"\nBandwidth (torch, {result['threads']} threads, 1 GiB float32): copy {bw['copy_gbps']:.1f} GB/s "
         f"(read + write bytes; the bound uses this), sum {bw['read_gbps']:.1f} GB/s (read bytes)\n"
     )
-    print("| model | step | batch | ms measured | ms bound | ratio | layers' Linears alone: ms (bound) |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| model | step | batch | ms measured | ms bound | ratio | transformers' forward: ms (ratio) | "
+        "layers' Linears alone: ms (bound) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['model']} | {r['step']} | {r['batch']} | {r['ms']:.1f} | {r['bound_ms']:.1f} | "
-            f"x{r['ratio']:.2f} | {r['linears_ms']:.1f} ({r['linears_bound_ms']:.1f}) |"
+            f"x{r['ratio']:.2f} | {r['transformers_ms']:.1f} (x{r['transformers_ms'] / r['bound_ms']:.2f}) | "
+            f"{r['linears_ms']:.1f} ({r['linears_bound_ms']:.1f}) |"
         )
     lib = [f"{r['model']} {r['step']} {r['library_ms']:.1f} ms" for r in rows if "library_ms" in r]
     if lib:

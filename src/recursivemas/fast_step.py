@@ -194,8 +194,12 @@ class FastSteps:
     def supports(model: PreTrainedModel) -> bool:
         """Whether ``model`` (a backbone or causal LM) has decoder layers ``FastSteps`` reproduces."""
         config = model.config
-        bidirectional = getattr(config, "use_bidirectional_attention", False)
-        return getattr(config, "model_type", None) in SUPPORTED and not bidirectional
+        if getattr(config, "model_type", None) not in SUPPORTED:
+            return False
+        if getattr(config, "use_bidirectional_attention", False):
+            return False
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+        return not hasattr(decoder, "rotary_emb_local")  # releases with one rotary module per layer type
 
     def step(
         self, inputs_embeds: torch.Tensor | None = None, input_ids: torch.Tensor | None = None
