@@ -7,10 +7,13 @@ import dataclasses
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config
 
-from recursivemas.agent import GenerationConfig, StepConfig, _Forwards, _last_hidden, _last_logits
+from recursivemas.agent import Agent, GenerationConfig, StepConfig, _Forwards, _last_hidden, _last_logits
 from recursivemas.fast_step import FastSteps
-from recursivemas.models.tiny import tiny_model
+from recursivemas.models.tiny import tiny_model, tiny_tokenizer
+from recursivemas.prompts import ROLE_TEMPLATES
+from recursivemas.quantize import quantize_module
 
 from .conftest import QUESTIONS
 from .test_agent import ARCHS, _batch, _float64, _link
@@ -112,3 +115,102 @@ def test_more_steps_than_sized_is_an_error(tiny_agents):
         f.step(inputs_embeds=h[:, None])
         with pytest.raises(RuntimeError, match="does not fit"):
             f.step(inputs_embeds=h[:, None])
+
+
+def _built(config, seed: int = 4):
+    """A float64 agent of a tiny random model from ``config`` (byte-level tokenizer)."""
+    tok = tiny_tokenizer("bytelevel")
+    config.update(dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        for name, param in model.named_parameters():  # biases start at zero: make them count
+            if name.endswith(".bias"):
+                param.data.normal_(0, 0.1)
+    return Agent(name="a", model=model.double().eval(), tokenizer=tok, template=ROLE_TEMPLATES["solver"])
+
+
+COMMON = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
+FEATURES = {
+    # a full and a sliding layer (two rotary tables), and a final logit softcap
+    "gemma3-mixed": lambda: Gemma3TextConfig(
+        hidden_size=96,
+        intermediate_size=192,
+        head_dim=24,
+        sliding_window=16,
+        query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "full_attention"],
+        final_logit_softcapping=3.0,
+        **COMMON,
+    ),
+    # projection biases and a sliding layer
+    "qwen2-bias": lambda: Qwen2Config(
+        hidden_size=64,
+        intermediate_size=128,
+        use_sliding_window=True,
+        sliding_window=16,
+        max_window_layers=1,
+        **COMMON,
+    ),
+    # Llama ignores sliding_window in attention, but its DynamicCache keeps only the last 15 positions
+    "llama-cropped-cache": lambda: LlamaConfig(
+        hidden_size=64, intermediate_size=128, sliding_window=16, attention_bias=True, mlp_bias=True, **COMMON
+    ),
+}
+
+
+@pytest.mark.parametrize("name", FEATURES)
+def test_features_beyond_the_tiny_models(name):
+    """Configurations the shared tiny models lack: both Gemma-3 rotary tables, a softcap, Qwen2's biases and
+    sliding layers, a cache that drops positions the attention would see; latent and decode steps."""
+    agent = _built(FEATURES[name]())
+    if name != "llama-cropped-cache":
+        assert len(set(agent.model.config.layer_types)) == 2
+    batch = _batch(agent, LONG)
+    assert max(batch.lengths) > 16
+    seed = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, len(agent.tokenizer), (len(LONG), 12), generator=seed)
+    out = {}
+    with torch.no_grad():
+        for fast in (True, False):
+            forwards = _Forwards(
+                _with(agent, fast=fast), agent.model, batch, 12, _last_logits, logits_to_keep=1
+            )
+            rows = [forwards.prompt(batch.embeds)] + [
+                forwards.step(input_ids=ids[:, i : i + 1]) for i in range(12)
+            ]
+            assert (forwards.fast is not None) == fast
+            link = _link(agent).double()
+            thoughts = _with(agent, fast=fast).think(batch, 12, link)
+            out[fast] = (torch.stack(rows, 1), thoughts.hidden)
+    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out[True][1], out[False][1], atol=1e-10, rtol=0)
+
+
+def test_hooks_turn_the_fast_path_off():
+    model, _ = tiny_model("llama")
+    handle = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda *args: None)
+    assert not FastSteps.supports(model)
+    handle.remove()
+    assert FastSteps.supports(model)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("int8", [False, True])
+def test_low_precision_steps_follow_transformers(arch, int8):
+    """bfloat16 and int8 (``Int8Linear.step_op``) decode steps, teacher-forced: FastSteps rotates and
+    softcaps in float32 where transformers rounds to bfloat16, so they agree to about 1% of the logits'
+    scale (measured: 0.7-1.2%); a real error (a dropped bias, a wrong rotary table) shows at 15% and more."""
+    model, tok = tiny_model(arch, torch.bfloat16)
+    if int8:
+        quantize_module(model)
+    agent = Agent(name="a", model=model, tokenizer=tok, template=ROLE_TEMPLATES["solver"])
+    batch = _batch(agent, QUESTIONS[:3])
+    ids = torch.randint(3, len(tok), (3, 12), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    with torch.no_grad():
+        for fast in (True, False):
+            forwards = _Forwards(_with(agent, fast=fast), model, batch, 12, _last_logits, logits_to_keep=1)
+            forwards.prompt(batch.embeds)
+            logits[fast] = torch.stack([forwards.step(input_ids=ids[:, i : i + 1]) for i in range(12)], 1)
+    assert float((logits[True] - logits[False]).abs().max()) <= 0.04 * float(logits[False].abs().max())

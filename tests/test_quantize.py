@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from recursivemas import quantize
-from recursivemas.agent import GenerationConfig
+from recursivemas.agent import _Forwards, _last_logits
 from recursivemas.cli import main
 from recursivemas.errors import ConfigError
 from recursivemas.loading import load_system
@@ -66,16 +66,22 @@ def test_int8_system_quantises_backbones_and_keeps_links_float32(int8_system):
     assert {p.dtype for p in int8_system.links.parameters()} == {torch.float32}
 
 
-def test_int8_greedy_tokens_follow_bfloat16(int8_system):
-    """Int8 weights change the tiny models' outputs by about a percent: every row's greedy text starts as
-    bfloat16's does (random tiny models have near-tied logits, so later tokens may part)."""
+def test_int8_steps_follow_bfloat16(int8_system):
+    """Int8 weights change the tiny models' one-position step logits by about 2% of their scale against
+    bfloat16 (measured: 2.0-2.5%; a wrong scale or layout shows at 50% and more), teacher-forced on the
+    same tokens so that near-tied greedy choices of random tiny models cannot make the inputs part."""
     bf16 = load_system("tiny-random", None, "bfloat16", "cpu")
-    gen = GenerationConfig(max_new_tokens=6)
-    with torch.inference_mode():
-        ours = int8_system.run(QUESTIONS, generation=gen, rounds=1, latent_steps=3)
-        theirs = bf16.run(QUESTIONS, generation=gen, rounds=1, latent_steps=3)
-    for a, b in zip(ours, theirs, strict=True):
-        assert a.text[:3] == b.text[:3], (a.text, b.text)
+    ids = torch.randint(3, 200, (len(QUESTIONS), 8), generator=torch.Generator().manual_seed(0))
+    for name, agent in int8_system.agents.items():
+        logits = []
+        for a in (agent, bf16.agents[name]):
+            batch = a.encode([a.fill(a.render(q, None, set()), {}) for q in QUESTIONS])
+            with torch.inference_mode():
+                forwards = _Forwards(a, a.model, batch, 8, _last_logits, logits_to_keep=1)
+                forwards.prompt(batch.embeds)
+                logits.append(torch.stack([forwards.step(input_ids=ids[:, i : i + 1]) for i in range(8)], 1))
+        ours, theirs = logits  # (B, 8, V) each
+        assert float((ours - theirs).abs().max()) <= 0.06 * float(theirs.abs().max()), name
 
 
 def test_missing_kernel_is_a_clear_error(monkeypatch):

@@ -680,6 +680,7 @@ class _Forwards:
         )
         if self.use_fast and not torch.is_grad_enabled():  # FastSteps writes its buffers in place
             self.fast = FastSteps(self.backbone, self.cache, self.mask, self.pos, self.steps, self.head)
+            self.cache, self.kwargs = None, {}  # FastSteps holds its own copy of the keys and values
         return self.last(out)
 
     def step(self, **inputs: torch.Tensor) -> torch.Tensor:

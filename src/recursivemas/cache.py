@@ -52,7 +52,8 @@ def step_mask(
     )
 
 
-def cache_layers(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each layer's (B, H_kv, held, D) keys and values in a dynamic ``cache`` (a sliding-window layer holds
-    only its last ``window - 1`` positions)."""
-    return [(layer.keys, layer.values) for layer in cache.layers]
+def cache_layers(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor, int | None]]:
+    """Each layer of a dynamic ``cache`` as its (B, H_kv, held, D) keys and values and its sliding window
+    (``None`` for a full layer; a sliding-window layer holds only its last ``window - 1`` positions, and
+    what it drops is invisible to later steps, whatever the attention layer's own window)."""
+    return [(layer.keys, layer.values, getattr(layer, "sliding_window", None)) for layer in cache.layers]

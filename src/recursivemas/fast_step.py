@@ -4,17 +4,18 @@ A latent step or a decode step runs one position through every layer. Through ``
 position pays for far more than its matrix products: the masks are rebuilt from the whole padding mask,
 the cache grows by concatenation (every layer copies its keys and values), keyword arguments pass through
 several decorators and an attention-function registry, and outputs are wrapped in dataclasses. On the
-bundled models at batch 1 on a CPU that is about half of a 40 ms step (``benchmarks/roofline.py``).
+bundled models at batch 1 on a CPU that is about a fifth of a step (``benchmarks/roofline.py``).
 
-``FastSteps`` runs the same layers, called module by module (projections, norms and MLPs are the model's
-own modules, so an ``Int8Linear`` or a LoRA wrapper works unchanged), with what surrounds them kept to
-the minimum for one position:
+``FastSteps`` runs the same layers from the model's own weights and modules (a plain ``nn.Linear`` as
+``torch.mm`` on its weight, an ``Int8Linear`` through its ``step_op``, any other projection module called
+as is), with what surrounds them kept to the minimum for one position:
 
 - keys and values live in per-layer buffers of shape (B, H_kv, T + n, D) preallocated for the prompt
   plus ``n`` steps; the prompt's come from the transformers cache of the prompt pass, and step t writes
   its own into column t (one copy, no growth);
-- the attention mask of step t is a (B, 1, 1, t + 1) boolean view of the padding mask (a sliding-window
-  layer also drops columns <= t - window), built once per step and shared by the layers;
+- the attention mask of step t is a (B, 1, 1, t + 1) additive mask (0 or -inf) from the padding mask (a
+  sliding-window layer also drops columns <= t - window), built once per step and window and shared by
+  the layers;
 - grouped-query attention runs on the key/value heads: the (B, H, D) query becomes (B, H_kv, H / H_kv, D)
   so SDPA reads each key once (as transformers does for one query position);
 - the rotary cos/sin of the position are computed once per step per layer type by the model's own
@@ -24,9 +25,12 @@ Each layer computes exactly what transformers' layer does (RMSNorms, q/k norms, 
 softmax attention, the residual pattern of Llama / Qwen or of Gemma-3's four norms), so outputs equal
 ``model(...)`` over a ``DynamicCache`` up to float rounding (float64 tests: 1e-10).
 
-Supported: the model types in ``SUPPORTED`` (Llama, Qwen2, Qwen3, Gemma-3 text); ``FastSteps.supports``
-says whether a model qualifies, and ``_Forwards`` falls back to ``model(...)`` otherwise, with gradients
-enabled (the buffers are written in place) and when steps are compiled or use a static cache.
+Supported: the model types in ``SUPPORTED`` (Llama, Qwen2, Qwen3, Gemma-3 text) without forward hooks on
+the decoder's modules (plain projections and norms are not called as modules, so hooks would be skipped);
+``FastSteps.supports`` says whether a model qualifies, and ``_Forwards`` falls back to ``model(...)``
+otherwise, with gradients enabled (the buffers are written in place) and when steps are compiled or use
+a static cache. Sliding-window layers keep every position in their buffer (transformers keeps the last
+``window - 1``): more memory and attention work at prompts far beyond the window, same outputs.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel
+from transformers import Cache, PreTrainedModel
 
 from .cache import cache_layers
 
@@ -53,7 +57,7 @@ Op = Callable[[torch.Tensor], torch.Tensor]
 class _Layer:
     """One decoder layer's operations and attention settings, looked up once."""
 
-    norm_in: Op
+    norm_in: Op  # a decoder layer always has these norms (``_norm`` maps None only to None)
     q: Op
     k: Op
     v: Op
@@ -67,8 +71,8 @@ class _Layer:
     up: Op
     down: Op
     act: Op
-    kind: str  # the layer type ("full_attention", "sliding_attention"): picks rotary and mask
-    window: int | None
+    kind: str  # the layer type ("full_attention", "sliding_attention"): picks the rotary table
+    window: int | None  # attend to columns > t - window (the attention's window or its cache layer's)
     scaling: float
     heads: int
     kv_heads: int
@@ -90,9 +94,8 @@ def _linear(module: torch.nn.Module, rows: int) -> Op:
 
 def _norm(module: torch.nn.Module | None) -> Op | None:
     """An RMSNorm with transformers' semantics and rounding in fewer operators (``_normalized``). Llama
-    / Qwen normalise in float32, cast back, then
-    multiply by the weight; Gemma multiplies by (1 + weight) in float32, then casts. Any other norm module
-    is called as is."""
+    / Qwen normalise in float32, cast back, then multiply by the weight; Gemma multiplies by (1 + weight)
+    in float32, then casts. Any other norm module is called as is."""
     if module is None:
         return None
     weight = getattr(module, "weight", None)
@@ -106,13 +109,14 @@ def _norm(module: torch.nn.Module | None) -> Op | None:
 
 
 def _normalized(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """(..., d) -> x * rsqrt(mean(x^2, -1) + eps), rounded exactly as transformers' ``pow(2).mean``
-    (``mean`` is ``sum`` then a division) with half the operator calls."""
+    """(..., d) -> x * rsqrt(mean(x^2, -1) + eps), rounded as transformers' ``pow(2).mean`` on a CPU
+    (where ``mean`` is ``sum`` then a division) with half the operator calls."""
     inv = (x * x).sum(-1, keepdim=True)  # (..., 1)
     return x * inv.div_(x.shape[-1]).add_(eps).rsqrt_()
 
 
 def _layer(module: torch.nn.Module, kind: str, rows: int) -> _Layer:
+    """A decoder layer's operations for (``rows``, d) inputs of layer type ``kind``."""
     attn, mlp = module.self_attn, module.mlp
     linear = partial(_linear, rows=rows)
     return _Layer(
@@ -163,7 +167,7 @@ class FastSteps:
     def __init__(
         self,
         backbone: PreTrainedModel,
-        cache: object,
+        cache: Cache,
         mask: torch.Tensor,
         positions: torch.Tensor,
         steps: int,
@@ -181,7 +185,9 @@ class FastSteps:
         self.valid[:, :width] = mask.bool()
         self.pos = positions[:, -1:]  # (B, 1)
         self.keys, self.values = [], []
-        for layer, (k, v) in zip(self.layers, cache_layers(cache), strict=True):
+        for layer, (k, v, cache_window) in zip(self.layers, cache_layers(cache), strict=True):
+            windows = [w for w in (layer.window, cache_window) if w is not None]
+            layer.window = min(windows) if windows else None  # a position the cache dropped is not seen
             shape = (bsz, layer.kv_heads, width + steps, layer.head_dim)
             keys, values = k.new_zeros(shape), v.new_zeros(shape)  # (B, H_kv, T + n, D)
             held = k.shape[2]  # a sliding-window layer may hold only its last window - 1 positions
@@ -199,7 +205,9 @@ class FastSteps:
         if getattr(config, "use_bidirectional_attention", False):
             return False
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-        return not hasattr(decoder, "rotary_emb_local")  # releases with one rotary module per layer type
+        if hasattr(decoder, "rotary_emb_local"):  # releases with one rotary module per layer type
+            return False
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in decoder.modules())
 
     def step(
         self, inputs_embeds: torch.Tensor | None = None, input_ids: torch.Tensor | None = None
@@ -216,13 +224,14 @@ class FastSteps:
         self.pos = self.pos + 1
         bias, rotation = {}, {}
         for layer in self.layers:
-            if layer.kind not in bias:
-                bias[layer.kind] = self._bias(t, layer.window, x.dtype)  # (B, 1, 1, t + 1)
+            if layer.window not in bias:
+                bias[layer.window] = self._bias(t, layer.window, x.dtype)  # (B, 1, 1, t + 1)
+            if layer.kind not in rotation:
                 cos, sin = self.rotary(x, self.pos, layer.kind)  # (B, 1, D) each, in x's dtype
                 wide = torch.promote_types(x.dtype, torch.float32)  # CPU bfloat16 bmm is 10x slower
                 rotation[layer.kind] = _rotation(cos[:, 0].to(wide), sin[:, 0].to(wide))  # (B, D, D)
         for i, layer in enumerate(self.layers):
-            x = self._layer(i, layer, x, t, bias[layer.kind], rotation[layer.kind])
+            x = self._layer(i, layer, x, t, bias[layer.window], rotation[layer.kind])
         self.length = t + 1
         h = self.norm(x)  # (B, d)
         if self.head is None:

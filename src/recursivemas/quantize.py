@@ -68,8 +68,8 @@ class Int8Linear(nn.Module):
 
     def step_op(self, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """``forward`` as a plain function for row-major (``rows``, in) bfloat16 inputs, the kernel chosen
-        once (``fast_step.FastSteps`` calls it 210 times a step; the checks and casts of ``forward`` are
-        a quarter of an int8 step's time)."""
+        once (``fast_step.FastSteps`` calls it 7 times a layer, 210 times a SmolLM2 step, where the
+        checks and casts of ``forward`` were a quarter of an int8 step's time)."""
         qweight, scales, weight, bias = self.qweight, self.scales, self.weight, self.bias
         if rows > INT8_MAX_ROWS:
             return lambda x: F.linear(x, weight, bias)
