@@ -133,3 +133,18 @@ def test_step_op_equals_forward(rows, bias):
     layer = Int8Linear(nn.Linear(32, 48, bias=bias).to(torch.bfloat16))
     x = torch.randn(rows, 32, dtype=torch.bfloat16)
     assert torch.equal(layer.step_op(rows)(x), layer(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantisation_is_symmetric_per_row_and_leaves_the_source_alone(dtype):
+    """``Int8Linear`` rounds w / s with s = max |w| / 127 per output row (computed without float32 copies
+    of the weight) and does not touch the layer it was built from."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48).to(dtype)
+    source = linear.weight.detach().clone()
+    layer = Int8Linear(linear)
+    assert torch.equal(linear.weight, source)
+    scales = source.float().abs().amax(dim=1).clamp(min=1e-12) / 127
+    assert torch.equal(layer.scales, scales.to(torch.bfloat16))
+    expected = (source.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+    assert torch.equal(layer.qweight, expected)

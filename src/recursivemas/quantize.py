@@ -44,10 +44,14 @@ class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         weight = linear.weight.detach()
-        scales = weight.float().abs().amax(dim=1).clamp(min=1e-12) / 127
+        # max |w| per row from the row's min and max: exact, and no float32 copy of the weight (loading the
+        # default preset in int8 spent 2.5 of its 3.7 s of quantisation allocating such copies)
+        low, high = weight.aminmax(dim=1)  # (out,) each
+        scales = torch.maximum(high.float(), -low.float()).clamp(min=1e-12) / 127  # (out,) float32
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("weight", weight.to(torch.bfloat16))  # (out, in), shared if already bfloat16
-        rounded = (weight.float() / scales[:, None]).round().clamp(-127, 127)
+        rounded = weight.to(torch.float32, copy=True)  # the one float32 copy, rounded in place
+        rounded.div_(scales[:, None]).round_().clamp_(-127, 127)
         self.register_buffer("qweight", rounded.to(torch.int8))
         self.register_buffer("scales", scales.to(torch.bfloat16))
         bias = linear.bias.detach().to(torch.bfloat16) if linear.bias is not None else None
