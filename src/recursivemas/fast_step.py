@@ -195,6 +195,8 @@ class FastSteps:
             values[:, :, width - held : width] = v
             self.keys.append(keys)
             self.values.append(values)
+        self.windows = {layer.window for layer in self.layers}  # one mask per distinct window a step
+        self.kinds = {layer.kind for layer in self.layers}  # one rotary matrix per layer type a step
 
     @staticmethod
     def supports(model: PreTrainedModel) -> bool:
@@ -222,14 +224,12 @@ class FastSteps:
             )
         self.valid[:, t] = True
         self.pos = self.pos + 1
-        bias, rotation = {}, {}
-        for layer in self.layers:
-            if layer.window not in bias:
-                bias[layer.window] = self._bias(t, layer.window, x.dtype)  # (B, 1, 1, t + 1)
-            if layer.kind not in rotation:
-                cos, sin = self.rotary(x, self.pos, layer.kind)  # (B, 1, D) each, in x's dtype
-                wide = torch.promote_types(x.dtype, torch.float32)  # CPU bfloat16 bmm is 10x slower
-                rotation[layer.kind] = _rotation(cos[:, 0].to(wide), sin[:, 0].to(wide))  # (B, D, D)
+        bias = {w: self._bias(t, w, x.dtype) for w in self.windows}  # (B, 1, 1, t + 1) each
+        wide = torch.promote_types(x.dtype, torch.float32)  # CPU bfloat16 bmm is 10x slower
+        rotation = {}
+        for kind in self.kinds:
+            cos, sin = self.rotary(x, self.pos, kind)  # (B, 1, D) each, in x's dtype
+            rotation[kind] = _rotation(cos[:, 0].to(wide), sin[:, 0].to(wide))  # (B, D, D)
         for i, layer in enumerate(self.layers):
             x = self._layer(i, layer, x, t, bias[layer.window], rotation[layer.kind])
         self.length = t + 1
@@ -249,10 +249,8 @@ class FastSteps:
         if outside > 0:
             allowed = allowed.clone()
             allowed[..., :outside] = False
-        return (
-            torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
-            .masked_fill_(~allowed, float("-inf"))
-            .to(dtype)
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+            ~allowed, float("-inf")
         )
 
     def _layer(
@@ -281,11 +279,14 @@ class FastSteps:
         y = layer.o(out.reshape(bsz, heads * dim))  # (B, d)
         if layer.norm_pre_ff is None:  # Llama / Qwen: x + attn(norm(x)), then x + mlp(norm(x))
             x = x + y
-            y = layer.norm_attn(x)
-            return x + layer.down(layer.act(layer.gate(y)) * layer.up(y))
+            return x + _mlp(layer, layer.norm_attn(x))
         x = x + layer.norm_attn(y)  # Gemma-3: norms after attention and around the MLP
-        y = layer.norm_pre_ff(x)
-        return x + layer.norm_post_ff(layer.down(layer.act(layer.gate(y)) * layer.up(y)))
+        return x + layer.norm_post_ff(_mlp(layer, layer.norm_pre_ff(x)))
+
+
+def _mlp(layer: _Layer, y: torch.Tensor) -> torch.Tensor:
+    """The gated MLP of transformers' Llama / Qwen / Gemma layers: down(act(gate(y)) * up(y)), (B, d)."""
+    return layer.down(layer.act(layer.gate(y)) * layer.up(y))
 
 
 def _rotary(
