@@ -62,18 +62,13 @@ class Int8Linear(nn.Module):
         # (rows, in), row-major: a strided last-position slice (the LM head's input) would make F.linear
         # expand the weight (see ``agent._row_major_head_inputs``)
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        if flat.shape[0] <= INT8_MAX_ROWS:
-            out = torch._weight_int8pack_mm(flat, self.qweight, self.scales)
-            if self.bias is not None:
-                out = out + self.bias
-        else:
-            out = F.linear(flat, self.weight, self.bias)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return self.step_op(flat.shape[0])(flat).reshape(*x.shape[:-1], self.out_features)
 
     def step_op(self, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``forward`` as a plain function for row-major (``rows``, in) bfloat16 inputs, the kernel chosen
-        once (``fast_step.FastSteps`` calls it 7 times a layer, 210 times a SmolLM2 step, where the
-        checks and casts of ``forward`` were a quarter of an int8 step's time)."""
+        """The product for row-major (``rows``, in) bfloat16 inputs as a plain function, its kernel chosen
+        by ``rows``: what ``forward`` runs after its reshape and cast, and what ``fast_step.FastSteps``
+        calls directly (7 times a layer, 210 times a SmolLM2 step, where the checks and casts of
+        ``forward`` were a quarter of an int8 step's time)."""
         qweight, scales, weight, bias = self.qweight, self.scales, self.weight, self.bias
         if rows > INT8_MAX_ROWS:
             return lambda x: F.linear(x, weight, bias)
