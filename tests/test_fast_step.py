@@ -7,11 +7,11 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config
+from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
 
 from recursivemas.agent import Agent, GenerationConfig, StepConfig, _Forwards, _last_hidden, _last_logits
 from recursivemas.fast_step import FastSteps
-from recursivemas.models.tiny import tiny_model, tiny_tokenizer
+from recursivemas.models.tiny import seeded_model, tiny_model, tiny_tokenizer
 from recursivemas.prompts import ROLE_TEMPLATES
 from recursivemas.quantize import quantize_module
 
@@ -23,6 +23,16 @@ LONG = ["seven apples " * 40, QUESTIONS[0], QUESTIONS[5]]  # left padding, and p
 
 def _with(agent, **step):
     return dataclasses.replace(agent, step_config=StepConfig(**step))
+
+
+def teacher_forced_logits(agent, batch, ids: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(B, 1 + N, V) float32 logits of ``agent``'s prompt pass over ``batch`` and then of one decode step
+    per column of the (B, N) token ``ids``, and whether ``FastSteps`` ran the steps."""
+    with torch.no_grad():
+        forwards = _Forwards(agent, agent.model, batch, ids.shape[1], _last_logits, logits_to_keep=1)
+        rows = [forwards.prompt(batch.embeds)]
+        rows += [forwards.step(input_ids=ids[:, i : i + 1]) for i in range(ids.shape[1])]
+    return torch.stack(rows, 1), forwards.fast is not None
 
 
 def _count_fast_steps(monkeypatch) -> list[int]:
@@ -59,15 +69,9 @@ def test_decode_steps_equal_transformers_forward(tiny_agents, arch):
         3, len(agent64.tokenizer), (len(LONG), 40), generator=torch.Generator().manual_seed(0)
     )
     logits = {}
-    with torch.no_grad():
-        for fast in (True, False):
-            forwards = _Forwards(
-                _with(agent64, fast=fast), agent64.model, batch, 40, _last_logits, logits_to_keep=1
-            )
-            rows = [forwards.prompt(batch.embeds)]
-            rows += [forwards.step(input_ids=ids[:, i : i + 1]) for i in range(40)]
-            assert (forwards.fast is not None) == fast
-            logits[fast] = torch.stack(rows, 1)  # (B, 41, V)
+    for fast in (True, False):
+        logits[fast], used = teacher_forced_logits(_with(agent64, fast=fast), batch, ids)  # (B, 41, V)
+        assert used == fast
     assert logits[True].dtype == torch.float32  # decode steps return float32 logits
     # float64 paths that agree to ~1e-15, each rounded to float32 (a real bug shows at 0.1-1)
     torch.testing.assert_close(logits[True], logits[False], atol=1e-6, rtol=1e-6)
@@ -121,12 +125,11 @@ def _built(config, seed: int = 4):
     """A float64 agent of a tiny random model from ``config`` (byte-level tokenizer)."""
     tok = tiny_tokenizer("bytelevel")
     config.update(dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        for name, param in model.named_parameters():  # biases start at zero: make them count
-            if name.endswith(".bias"):
-                param.data.normal_(0, 0.1)
+    model = seeded_model(config, seed)
+    noise = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():  # biases start at zero: make them count
+        if name.endswith(".bias"):
+            param.data.normal_(0, 0.1, generator=noise)
     return Agent(name="a", model=model.double().eval(), tokenizer=tok, template=ROLE_TEMPLATES["solver"])
 
 
@@ -171,18 +174,12 @@ def test_features_beyond_the_tiny_models(name):
     seed = torch.Generator().manual_seed(0)
     ids = torch.randint(3, len(agent.tokenizer), (len(LONG), 12), generator=seed)
     out = {}
-    with torch.no_grad():
-        for fast in (True, False):
-            forwards = _Forwards(
-                _with(agent, fast=fast), agent.model, batch, 12, _last_logits, logits_to_keep=1
-            )
-            rows = [forwards.prompt(batch.embeds)] + [
-                forwards.step(input_ids=ids[:, i : i + 1]) for i in range(12)
-            ]
-            assert (forwards.fast is not None) == fast
-            link = _link(agent).double()
-            thoughts = _with(agent, fast=fast).think(batch, 12, link)
-            out[fast] = (torch.stack(rows, 1), thoughts.hidden)
+    for fast in (True, False):
+        logits, used = teacher_forced_logits(_with(agent, fast=fast), batch, ids)
+        assert used == fast
+        with torch.no_grad():
+            thoughts = _with(agent, fast=fast).think(batch, 12, _link(agent).double())
+        out[fast] = (logits, thoughts.hidden)
     torch.testing.assert_close(out[True][0], out[False][0], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(out[True][1], out[False][1], atol=1e-10, rtol=0)
 
@@ -208,9 +205,6 @@ def test_low_precision_steps_follow_transformers(arch, int8):
     batch = _batch(agent, QUESTIONS[:3])
     ids = torch.randint(3, len(tok), (3, 12), generator=torch.Generator().manual_seed(0))
     logits = {}
-    with torch.no_grad():
-        for fast in (True, False):
-            forwards = _Forwards(_with(agent, fast=fast), model, batch, 12, _last_logits, logits_to_keep=1)
-            forwards.prompt(batch.embeds)
-            logits[fast] = torch.stack([forwards.step(input_ids=ids[:, i : i + 1]) for i in range(12)], 1)
+    for fast in (True, False):
+        logits[fast] = teacher_forced_logits(_with(agent, fast=fast), batch, ids)[0][:, 1:]  # steps only
     assert float((logits[True] - logits[False]).abs().max()) <= 0.04 * float(logits[False].abs().max())

@@ -7,11 +7,12 @@ import torch
 from torch import nn
 
 from recursivemas import quantize
-from recursivemas.agent import _Forwards, _last_logits
 from recursivemas.cli import main
 from recursivemas.errors import ConfigError
 from recursivemas.loading import load_system
 from recursivemas.quantize import INT8_MAX_ROWS, Int8Linear, quantize_module
+
+from .test_fast_step import teacher_forced_logits
 
 QUESTIONS = ["What is 12 plus 30?", "If x + 7 = 19, what is x?"]
 
@@ -76,11 +77,8 @@ def test_int8_steps_follow_bfloat16(int8_system):
         logits = []
         for a in (agent, bf16.agents[name]):
             batch = a.encode([a.fill(a.render(q, None, set()), {}) for q in QUESTIONS])
-            with torch.inference_mode():
-                forwards = _Forwards(a, a.model, batch, 8, _last_logits, logits_to_keep=1)
-                forwards.prompt(batch.embeds)
-                logits.append(torch.stack([forwards.step(input_ids=ids[:, i : i + 1]) for i in range(8)], 1))
-        ours, theirs = logits  # (B, 8, V) each
+            logits.append(teacher_forced_logits(a, batch, ids)[0][:, 1:])  # the steps: (B, 8, V)
+        ours, theirs = logits
         assert float((ours - theirs).abs().max()) <= 0.06 * float(theirs.abs().max()), name
 
 

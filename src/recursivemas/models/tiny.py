@@ -133,10 +133,14 @@ def tiny_model(
     """Build tiny random model ``name`` (one of ``TINY_MODELS``) and its tokenizer, deterministically."""
     kind, make_config, seed = TINY_MODELS[name]
     tok = tiny_tokenizer(kind)
-    config = make_config(tok)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = seeded_model(make_config(tok), seed)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     return model.to(dtype).eval(), tok
+
+
+def seeded_model(config: PretrainedConfig, seed: int) -> PreTrainedModel:
+    """A float32 causal LM from ``config`` with weights drawn from ``seed`` (the global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
