@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from recursivemas import quantize
 from recursivemas.cli import main
 from recursivemas.errors import ConfigError
 from recursivemas.loading import load_system
+from recursivemas.models.tiny import tiny_model
+from recursivemas.presets import build_from_specs
 from recursivemas.quantize import INT8_MAX_ROWS, Int8Linear, quantize_module
+from recursivemas.system import RecursiveMAS
 
 from .test_fast_step import teacher_forced_logits
 
@@ -146,3 +154,93 @@ def test_quantisation_is_symmetric_per_row_and_leaves_the_source_alone(dtype):
     assert torch.equal(layer.scales, scales.to(torch.bfloat16))
     expected = (source.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
     assert torch.equal(layer.qweight, expected)
+
+
+@pytest.fixture(scope="module")
+def model_folders(tmp_path_factory):
+    """Tiny Llama and Gemma3 saved as local model folders (safetensors + tokenizer), as users pass them."""
+    root = tmp_path_factory.mktemp("models")
+    folders = {}
+    for name in ("llama", "gemma3"):
+        model, tok = tiny_model(name)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        folders[name] = str(root / name)
+    return folders
+
+
+def _int8_folder_system(folders: dict[str, str], cache: Path) -> RecursiveMAS:
+    return quantize.quantize_agents(_bf16_folder_system(folders), cache_dir=cache)
+
+
+def _bf16_folder_system(folders: dict[str, str]) -> RecursiveMAS:
+    agents = {"planner": folders["llama"], "critic": folders["gemma3"], "solver": folders["llama"]}
+    return build_from_specs(agents, dtype=torch.bfloat16)
+
+
+def _int8_buffers(system: RecursiveMAS) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.{key}": t
+        for name, agent in system.agents.items()
+        for key, t in agent.model.state_dict().items()
+        if key.endswith(("qweight", "scales"))
+    }
+
+
+def test_int8_cache_gives_the_weights_quantisation_gives(model_folders, tmp_path, capsys):
+    """The first int8 load of a model folder saves its int8 weights; later loads read them (the
+    quantisation itself is not run) and hold exactly the same layers; models not loaded from a folder
+    (tiny-random, built from a config) are quantised every time, with nothing cached."""
+    cache = tmp_path / "int8"
+    first = _int8_buffers(_int8_folder_system(model_folders, cache))
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["gemma3", "llama"]
+    calls = []
+    original = quantize.quantize_weight
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quantize, "quantize_weight", lambda w: calls.append(w.shape) or original(w))
+        second = _int8_buffers(_int8_folder_system(model_folders, cache))
+    assert first.keys() == second.keys() and len(first) > 20
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert calls and all(shape[0] <= 3 for shape in calls)  # only the spot-checked rows
+    assert "stale" not in capsys.readouterr().err
+    quantize.quantize_agents(load_system("tiny-random", None, "bfloat16", "cpu"), cache_dir=tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("damage", ["weights", "truncate", "touch"])
+def test_stale_or_broken_int8_cache_is_rewritten(model_folders, tmp_path, capsys, damage):
+    """A cache file that no longer matches its model (the folder's weights rewritten, the file truncated or
+    its model files touched) is said to be stale and requantised, never used."""
+    folders = dict(model_folders)
+    folders["llama"] = str(tmp_path / "llama")
+    shutil.copytree(model_folders["llama"], folders["llama"])
+    cache = tmp_path / "int8"
+    _int8_folder_system(folders, cache)
+    (cached,) = cache.glob("llama-*")
+    if damage == "weights":  # same names, sizes and times, other weights: the spot check catches it
+        weights = Path(folders["llama"]) / "model.safetensors"
+        stat = weights.stat()
+        tensors = load_file(weights)
+        flipped = {k: torch.flip(v, dims=[0]).contiguous() for k, v in tensors.items()}
+        save_file(flipped, weights, {"format": "pt"})
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    elif damage == "truncate":
+        cached.write_bytes(cached.read_bytes()[:1000])
+    else:
+        os.utime(Path(folders["llama"]) / "model.safetensors")
+    capsys.readouterr()
+    system = _int8_folder_system(folders, cache)
+    assert f"{cached} is stale" in capsys.readouterr().err
+    expected = _int8_buffers(quantize.quantize_agents(_bf16_folder_system(folders)))
+    got = _int8_buffers(system)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    _int8_folder_system(folders, cache)  # rewritten: no longer stale
+    assert "stale" not in capsys.readouterr().err
+
+
+def test_unwritable_int8_cache_still_loads(model_folders, tmp_path, capsys):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    system = _int8_folder_system(model_folders, blocked / "int8")
+    assert "could not cache int8 weights" in capsys.readouterr().err
+    assert any(isinstance(m, Int8Linear) for m in system.agents["planner"].model.modules())

@@ -10,7 +10,7 @@ import torch
 from recursivemas.agent import StepConfig
 from recursivemas.errors import ConfigError
 from recursivemas.presets import DEFAULT_PRESET, build_preset
-from recursivemas.quantize import check_int8_support, quantize_agents
+from recursivemas.quantize import check_int8_support, int8_cache_dir, quantize_agents
 from recursivemas.system import RecursiveMAS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -81,7 +81,7 @@ def load_system(
     else:
         system = build_preset(preset or DEFAULT_PRESET, dtype=dtype, device=device, init=init)
     if dtype_name in QUANTIZED:
-        system = quantize_agents(system)
+        system = quantize_agents(system, cache_dir=int8_cache_dir())
     system.set_step_config(StepConfig(compile=compile))
     print(f"recursivemas: loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
     tip = compile_tip(device, compile)
