@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
+DTYPE=${DTYPE:-float32}  # the committed reports ran in float32; DTYPE=int8 (the CPU default) runs int8
 OUT=benchmarks/results/eval
-COMMON=(--modes single,text,latent,latent-free --seeds 0,1,2 --rounds 2 --latent-steps 16 --batch-size 10)
+COMMON=(--modes single,text,latent,latent-free --seeds 0,1,2 --rounds 2 --latent-steps 16 --batch-size 10 --dtype "$DTYPE")
 "$BIN/recursivemas" eval --task relay:1 --limit 12 --max-new-tokens 32 "${COMMON[@]}" --output "$OUT/relay"
 "$BIN/recursivemas" eval --task reasoning-gym:basic_arithmetic --limit 10 --max-new-tokens 128 "${COMMON[@]}" \
     --output "$OUT/basic_arithmetic"

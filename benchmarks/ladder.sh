@@ -12,6 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
+DTYPE=${DTYPE:-float32}  # the committed reports ran in float32; DTYPE=int8 (the CPU default) runs int8
 LIMIT=${LIMIT:-200}
 PRESET=${1:-smollm2-pair}
 declare -A SPECS=(
@@ -24,5 +25,5 @@ SYSTEM=(--preset "$PRESET")
 for rung in ${RUNGS:-sum-1d sum-2d prod-1d}; do
   "$BIN/recursivemas" eval "${SYSTEM[@]}" --task "reasoning-gym:${SPECS[$rung]}" --limit "$LIMIT" \
       --modes "${MODES:-single,text,latent,latent-free}" ${MERGE:+--merge} --seeds 0 --temperature 0 --rounds 1 --latent-steps 16 \
-      --max-new-tokens 64 --batch-size 16 --output "benchmarks/results/ladder/$PRESET/$rung"
+      --max-new-tokens 64 --batch-size 16 --dtype "$DTYPE" --output "benchmarks/results/ladder/$PRESET/$rung"
 done

@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
+DTYPE=${DTYPE:-float32}  # the committed reports ran in float32; DTYPE=int8 (the CPU default) runs int8
 LIMIT=${LIMIT:-100}
 PRESETS=("$@")
 [ ${#PRESETS[@]} -gt 0 ] || PRESETS=(smollm2-pair smollm2-gemma3)
@@ -17,6 +18,6 @@ for preset in "${PRESETS[@]}"; do
   for level in ${LEVELS:-1 2}; do
     "$BIN/recursivemas" eval "${SYSTEM[@]}" --task "relay:$level" --limit "$LIMIT" \
         --modes "${MODES:-single,text,latent,latent-free}" ${MERGE:+--merge} --seeds 0 --temperature 0 --rounds 1 --latent-steps 16 \
-        --max-new-tokens 32 --batch-size 16 --output "benchmarks/results/relay/$preset/level$level"
+        --max-new-tokens 32 --batch-size 16 --dtype "$DTYPE" --output "benchmarks/results/relay/$preset/level$level"
   done
 done

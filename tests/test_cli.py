@@ -12,10 +12,11 @@ import pytest
 import torch
 
 import recursivemas.serve
-from recursivemas import RecursiveMAS, StepConfig, build_preset, cli
+from recursivemas import RecursiveMAS, StepConfig, build_preset, cli, quantize
 from recursivemas.cli import main
+from recursivemas.errors import ConfigError
 from recursivemas.eval import run as eval_run
-from recursivemas.loading import DTYPE_CHOICES, load_system
+from recursivemas.loading import DTYPE_CHOICES, load_system, resolve_dtype
 from recursivemas.quantize import Int8Linear
 
 FAST = ["--rounds", "2", "--latent-steps", "4", "--max-new-tokens", "6"]
@@ -254,9 +255,37 @@ def _load_flags(command: str) -> dict[str, tuple]:
 def test_every_loading_command_offers_the_same_dtype_and_compile_flags():
     """``--dtype`` (int8 included) and ``--compile`` have one set of choices and one help text."""
     run = _load_flags("run")
-    assert run["dtype"][:2] == (DTYPE_CHOICES, "float32") and "int8" in DTYPE_CHOICES
+    assert run["dtype"][:2] == (DTYPE_CHOICES, "auto") and "int8" in DTYPE_CHOICES
     assert run["compile"][1] is False
     assert all(_load_flags(command) == run for command in LOADING_COMMANDS)
+
+
+@pytest.mark.parametrize("command", LOADING_COMMANDS)
+@pytest.mark.parametrize("flag, int8", [([], True), (["--dtype", "float32"], False)])
+def test_cpu_default_is_int8_and_float32_stays_available(monkeypatch, tmp_path, command, flag, int8):
+    """Without ``--dtype`` every command loads int8 agents on the CPU (``auto``); ``--dtype float32`` keeps
+    full-precision agents."""
+    system = loaded_by(monkeypatch, *command_line(command, tmp_path), *flag)
+    for agent in system.agents.values():
+        assert agent.dtype == (torch.bfloat16 if int8 else torch.float32)
+        assert any(isinstance(m, Int8Linear) for m in agent.model.modules()) == int8
+
+
+def test_auto_dtype_is_float32_off_the_cpu_or_without_the_int8_kernel(monkeypatch):
+    named = ("auto", "float32", "bfloat16")
+    assert [resolve_dtype(d, "cpu") for d in named] == ["int8", "float32", "bfloat16"]
+    assert resolve_dtype("auto", "cuda:0") == resolve_dtype("auto", "mps") == "float32"
+    monkeypatch.delattr(torch, quantize.INT8_KERNEL)
+    assert resolve_dtype("auto", "cpu") == "float32"
+    with pytest.raises(ConfigError, match="unknown --dtype 'int4'; choose one of auto, bfloat16"):
+        resolve_dtype("int4", "cpu")
+
+
+def test_eval_report_names_the_dtype_that_ran(tmp_path):
+    """An eval without ``--dtype`` records ``int8`` (what ``auto`` ran on the CPU), never ``auto``."""
+    argv = ["eval", "--preset", "tiny-random", "--task", "relay:1", "--limit", "2", "--modes", "single"]
+    assert main([*argv, "--max-new-tokens", "2", "--output", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["settings"]["dtype"] == "int8"
 
 
 @pytest.mark.parametrize("command", LOADING_COMMANDS)

@@ -25,7 +25,7 @@ from recursivemas.agent import GenerationConfig
 from recursivemas.budget import MAX_LENGTH, check_context_budget
 from recursivemas.distributed import cpu_processes_requested, launch_cpu_workers
 from recursivemas.errors import InputError, RecursiveMASError
-from recursivemas.loading import COMPILE_HELP, DTYPE_CHOICES, DTYPE_HELP, load_system
+from recursivemas.loading import AUTO, COMPILE_HELP, DTYPE_CHOICES, DTYPE_HELP, load_system
 from recursivemas.models.bundled import BUNDLED, cache_problem, ensure_all_cached, model_dir
 from recursivemas.models.tiny import TINY_MODELS
 from recursivemas.presets import DEFAULT_PRESET, PRESETS
@@ -522,7 +522,7 @@ def _system_parser() -> argparse.ArgumentParser:
         help="re-encode the whole sequence at every latent step (reference path)",
     )
     parent.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parent.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help=DTYPE_HELP)
+    parent.add_argument("--dtype", choices=DTYPE_CHOICES, default=AUTO, help=DTYPE_HELP)
     parent.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     parent.add_argument("--json", action="store_true", help="print one JSON object per question (JSON Lines)")
     parent.add_argument(
@@ -576,7 +576,7 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
         help="keep the other modes of the report already in --output (same task and settings)",
     )
     ev.add_argument("--device", default="cpu")
-    ev.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help=DTYPE_HELP)
+    ev.add_argument("--dtype", choices=DTYPE_CHOICES, default=AUTO, help=DTYPE_HELP)
     ev.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
 

@@ -10,16 +10,19 @@ import torch
 from recursivemas.agent import StepConfig
 from recursivemas.errors import ConfigError
 from recursivemas.presets import DEFAULT_PRESET, build_preset
-from recursivemas.quantize import check_int8_support, int8_cache_dir, quantize_agents
+from recursivemas.quantize import check_int8_support, has_int8_kernel, int8_cache_dir, quantize_agents
 from recursivemas.system import RecursiveMAS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTIZED = {"int8": torch.bfloat16}
 """Quantised ``--dtype`` names -> the dtype agents load in before their Linear layers are quantised."""
-DTYPE_CHOICES = sorted([*DTYPES, *QUANTIZED])
+AUTO = "auto"
+"""The default ``--dtype``: int8 on the CPU (``resolve_dtype``), float32 elsewhere."""
+DTYPE_CHOICES = [AUTO, *sorted([*DTYPES, *QUANTIZED])]
 """Every ``--dtype`` value ``load_system`` takes."""
 DTYPE_HELP = (
-    "agent weights; int8: int8 weight-only one-position steps, bfloat16 prompt passes and the rest (CPU only)"
+    "agent weights (default auto: int8 on the CPU, float32 on other devices); int8: int8 weight-only "
+    "one-position steps, bfloat16 prompt passes and the rest (CPU only); links always compute in float32"
 )
 """The ``--dtype`` help of every command that loads a system."""
 COMPILE_HELP = (
@@ -49,6 +52,20 @@ def resolve_device(device: str) -> str:
     raise ConfigError(f"unknown --device {device!r}; use cpu, cuda, cuda:N or mps")
 
 
+def resolve_dtype(dtype_name: str, device: str) -> str:
+    """``dtype_name``, with ``auto`` made concrete: ``int8`` on the CPU when this torch has the int8 kernel
+    (x2.1 the speed of float32 on the default preset, with accuracy within float32's interval:
+    ``benchmarks/results/RESULTS.md``, dtype and quantisation), ``float32`` otherwise.
+
+    Raises ``ConfigError`` for a name that is not a ``--dtype`` choice.
+    """
+    if dtype_name not in DTYPE_CHOICES:
+        raise ConfigError(f"unknown --dtype {dtype_name!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+    if dtype_name != AUTO:
+        return dtype_name
+    return "int8" if torch.device(device).type == "cpu" and has_int8_kernel() else "float32"
+
+
 def load_system(
     preset: str | None,
     checkpoint: str | None,
@@ -68,11 +85,11 @@ def load_system(
         raise ConfigError("give either --preset or --checkpoint, not both")
     if checkpoint and init:
         raise ConfigError("--init applies to presets; a checkpoint brings its own links")
-    if dtype_name not in DTYPE_CHOICES:
-        raise ConfigError(f"unknown --dtype {dtype_name!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+    device = resolve_device(device)
+    dtype_name = resolve_dtype(dtype_name, device)
     if dtype_name in QUANTIZED:
         check_int8_support()  # before loading anything
-    dtype, device = {**DTYPES, **QUANTIZED}[dtype_name], resolve_device(device)
+    dtype = {**DTYPES, **QUANTIZED}[dtype_name]
     source = f"checkpoint {checkpoint}" if checkpoint else f"preset {preset or DEFAULT_PRESET}"
     print(f"recursivemas: loading {source} ({dtype_name} on {device})...", file=sys.stderr, flush=True)
     start = time.perf_counter()

@@ -104,9 +104,14 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
 
 
+def has_int8_kernel() -> bool:
+    """Whether this torch has the int8 weight-only kernel ``Int8Linear`` uses."""
+    return hasattr(torch, INT8_KERNEL)
+
+
 def check_int8_support() -> None:
     """Raise a ``ConfigError`` saying what to install if this torch lacks the int8 weight-only kernel."""
-    if not hasattr(torch, INT8_KERNEL):
+    if not has_int8_kernel():
         raise ConfigError(
             f"--dtype int8 needs PyTorch's int8 weight-only kernel (torch.{INT8_KERNEL}, torch >= 2.3); "
             f"this is torch {torch.__version__}: install a newer torch (this project uses torch==2.13.0) "

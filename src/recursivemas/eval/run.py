@@ -40,7 +40,7 @@ from recursivemas.eval.harness import (
 from recursivemas.eval.report import write_outputs
 from recursivemas.eval.tasks import Task, load_task
 from recursivemas.fileio import atomic_write, check_writable_dir, write_failure
-from recursivemas.loading import load_system
+from recursivemas.loading import load_system, resolve_dtype
 
 
 @dataclass
@@ -109,8 +109,9 @@ def evaluate_command(opts: EvalOptions) -> int:
     check_writable_dir(out, "--output")
     state = PartialState(cpu=opts.device == "cpu")  # gloo on CPU, NCCL on GPUs
     device = str(state.device) if opts.device == "cuda" and state.num_processes > 1 else opts.device
+    dtype = resolve_dtype(opts.dtype, device)  # the report names the dtype that ran, never "auto"
     system = load_system(
-        opts.preset, opts.checkpoint, opts.dtype, device, allow_hub=opts.allow_hub, compile=opts.compile
+        opts.preset, opts.checkpoint, dtype, device, allow_hub=opts.allow_hub, compile=opts.compile
     )
     sender = opts.relay_sender or system.config.order[0]
     if sender not in system.agents:
@@ -138,7 +139,7 @@ def evaluate_command(opts: EvalOptions) -> int:
         "latent_steps": settings.latent_steps or system.config.latent_steps,
         "processes": state.num_processes,
         "device": opts.device,
-        "dtype": opts.dtype,
+        "dtype": dtype,
         "compile": opts.compile,
     }
     if sweep:

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 
 from recursivemas.errors import ConfigError
-from recursivemas.loading import COMPILE_HELP, DTYPE_CHOICES, DTYPE_HELP, load_system, resolve_device
+from recursivemas.loading import AUTO, COMPILE_HELP, DTYPE_CHOICES, DTYPE_HELP, load_system, resolve_device
 from recursivemas.presets import DEFAULT_PRESET, PRESETS
 from recursivemas.serve.config import LOG, ServeConfig
 from recursivemas.system import RecursiveMAS
@@ -71,7 +71,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     serve.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger request bodies get 413")
     serve.add_argument("--log-prompts", action="store_true", help="write questions to the log")
     serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    serve.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help=DTYPE_HELP)
+    serve.add_argument("--dtype", choices=DTYPE_CHOICES, default=AUTO, help=DTYPE_HELP)
     serve.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     return serve
 
@@ -84,7 +84,7 @@ def serve_command(
     model_name: str | None = None,
     api_key: str | None = None,
     device: str = "cpu",
-    dtype: str = "float32",
+    dtype: str = AUTO,
     compile: bool = False,
     **settings: object,
 ) -> int:
