@@ -1,7 +1,8 @@
 """Roofline of the one-position steps: measured time vs the time to stream the bytes a step must read.
 
-    python benchmarks/roofline.py [--models smollm2-135m gemma3-270m] [--batches 1 4 16] [--dtype float32]
-                                  [--prompt-tokens 64] [--steps 16] [--rollouts 4] [--quick]
+    python benchmarks/roofline.py [--models smollm2-135m gemma3-270m] [--batches 1 4 16]
+                                  [--dtype float32|bfloat16|int8] [--prompt-tokens 64] [--steps 16]
+                                  [--rollouts 4] [--quick]
 
 Bandwidth: best of several ``dst.copy_(src)`` of 1 GiB float32 with torch's default threads, counted as
 read + write bytes (2 x 1 GiB per copy); a read-only ``src.sum()`` figure is recorded beside it.
@@ -24,8 +25,11 @@ run once each in order on a random (batch, in) input (``linears_ms``, with its o
 Bound: bytes read per step / copy bandwidth. A latent step reads every transformer layer and the final norm,
 the inner link and the KV cache (no embedding row: its input is a vector; no LM head). A decode step reads
 the same layers, one embedding row per batch row, the LM head (with tied embeddings that is the embedding
-matrix, counted once) and the KV cache. Activations are not counted. Writes ``results/roofline.json``
-(``roofline-<dtype>.json`` for other dtypes, ``-quick`` with ``--quick``) and prints a Markdown table.
+matrix, counted once) and the KV cache. Activations are not counted. With ``--dtype int8`` (the CPU default,
+``recursivemas.quantize``), the layers' Linears and the LM head read their int8 or int4 weights and
+bfloat16 scales up to ``INT8_MAX_ROWS`` rows and their bfloat16 weights beyond, and the rest is bfloat16.
+Writes ``results/roofline.json`` (``roofline-<dtype>.json`` for other dtypes, ``-quick`` with ``--quick``) and
+prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from recursivemas.cache import cache_kwargs, cache_length, new_cache
 from recursivemas.fast_step import FastSteps
 from recursivemas.links import InnerLink, LinkConfig
 from recursivemas.models.bundled import BUNDLED
+from recursivemas.quantize import LowBitLinear, quantize_module, quantized_linear
 
 RESULTS = Path(__file__).parent / "results"
 GiB = 2**30
@@ -65,8 +70,15 @@ def bandwidth(repeats: int) -> dict[str, float]:
     return {"copy_gbps": 2 * GiB / copy / 1e9, "read_gbps": GiB / read / 1e9}
 
 
-def param_bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())  # shared tensors counted once
+def step_bytes(module: torch.nn.Module, rows: int) -> int:
+    """Bytes of ``module``'s weights a step of ``rows`` input rows reads, shared tensors counted once:
+    parameters in full; an int8 or int4 layer's low-bit weight and scales up to ``INT8_MAX_ROWS`` rows,
+    its bfloat16 weight beyond (its bias either way)."""
+    tensors: dict[int, torch.Tensor] = {}
+    for m in module.modules():
+        read = m.read_tensors(rows) if isinstance(m, LowBitLinear) else list(m.parameters(recurse=False))
+        tensors.update((t.data_ptr(), t) for t in read)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def kv_bytes(agent: Agent, batch: int, length: int) -> int:
@@ -146,7 +158,7 @@ def library_step(agent: Agent, link: InnerLink, batch: PromptBatch, steps: int, 
 def linears(agent: Agent, batch: int, repeats: int) -> tuple[float, int]:
     """(median seconds, weight bytes) of every ``nn.Linear`` of the transformer layers run once, in order,
     on a random (batch, in) input: a step's matrix products alone, without what surrounds them."""
-    layers = [m for m in agent.backbone.modules() if isinstance(m, torch.nn.Linear)]
+    layers = [m for m in agent.backbone.modules() if isinstance(m, (torch.nn.Linear, LowBitLinear))]
     widths = {m.in_features for m in layers}
     inputs = {n: torch.randn(batch, n, dtype=agent.dtype, device=agent.device) for n in widths}
 
@@ -154,18 +166,22 @@ def linears(agent: Agent, batch: int, repeats: int) -> tuple[float, int]:
         for m in layers:
             m(inputs[m.in_features])
 
-    return statistics.median(wall_times(run, repeats)), sum(param_bytes(m) for m in layers)
+    return statistics.median(wall_times(run, repeats)), sum(step_bytes(m, batch) for m in layers)
 
 
 def measure(spec: str, args: argparse.Namespace, gbps: float) -> list[dict]:
     """Rows of one model: latent and decode steps at each batch size."""
-    agent = Agent.from_pretrained(spec, "agent", dtype=getattr(torch, args.dtype))
+    int8 = args.dtype == "int8"
+    agent = Agent.from_pretrained(spec, "agent", dtype=torch.bfloat16 if int8 else getattr(torch, args.dtype))
+    if int8:  # as quantize.quantize_agents does
+        quantize_module(agent.backbone)
+        agent.model.set_output_embeddings(quantized_linear(agent.model.get_output_embeddings()))
     d, elem = agent.hidden_size, agent.dtype.itemsize
     link = InnerLink(LinkConfig("agent", "inner", d, d, residual_proj=True, rescale_norm=1.0))
-    emb, head = agent.model.get_input_embeddings().weight, agent.model.get_output_embeddings().weight
-    layers = param_bytes(agent.backbone) - emb.numel() * elem  # transformer layers + final norm
+    emb, head = agent.model.get_input_embeddings(), agent.model.get_output_embeddings()
     rows = []
     for b in args.batches:
+        layers = step_bytes(agent.backbone, b) - emb.weight.numel() * elem  # transformer layers + final norm
         batch = prompt(agent, b, args.prompt_tokens)
         linear_s, linear_bytes = linears(agent, b, args.steps * args.rollouts)
         for kind in ("latent", "decode"):
@@ -176,7 +192,7 @@ def measure(spec: str, args: argparse.Namespace, gbps: float) -> list[dict]:
                 if i > 0:
                     samples += fast
                     baseline += [t for t, _ in slow]
-            fixed = layers + (param_bytes(link) if kind == "latent" else (head.numel() + b * d) * elem)
+            fixed = layers + (step_bytes(link, b) if kind == "latent" else step_bytes(head, b) + b * d * elem)
             kv = statistics.median(kv_bytes(agent, b, n) for _, n in samples)
             measured = statistics.median(t for t, _ in samples)
             row = {
@@ -191,7 +207,7 @@ def measure(spec: str, args: argparse.Namespace, gbps: float) -> list[dict]:
                 "kv_bytes": kv,
                 "cache_positions": [samples[0][1], samples[-1][1]],
                 "samples": len(samples),
-                "tied_embeddings": emb.data_ptr() == head.data_ptr(),
+                "tied_embeddings": emb.weight.data_ptr() == head.weight.data_ptr(),
                 "linears_ms": 1e3 * linear_s,
                 "linears_bound_ms": 1e3 * linear_bytes / (gbps * 1e9),
             }
@@ -205,7 +221,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(BUNDLED))
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"])
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--steps", type=int, default=16, help="timed one-position steps per rollout")
     parser.add_argument("--rollouts", type=int, default=4, help="measured rollouts (one more for warm-up)")

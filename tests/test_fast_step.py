@@ -13,7 +13,14 @@ from recursivemas.agent import Agent, GenerationConfig, StepConfig, _Forwards, _
 from recursivemas.fast_step import FastSteps
 from recursivemas.models.tiny import seeded_model, tiny_model, tiny_tokenizer
 from recursivemas.prompts import ROLE_TEMPLATES
-from recursivemas.quantize import quantize_module
+from recursivemas.quantize import (
+    Int4Linear,
+    Int8Linear,
+    LowBitLinear,
+    int4_dequantized,
+    quantize_module,
+    quantize_weight_int4,
+)
 
 from .conftest import QUESTIONS
 from .test_agent import ARCHS, _batch, _float64, _link
@@ -23,6 +30,16 @@ LONG = ["seven apples " * 40, QUESTIONS[0], QUESTIONS[5]]  # left padding, and p
 
 def _with(agent, **step):
     return dataclasses.replace(agent, step_config=StepConfig(**step))
+
+
+def four_bit_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every decoder Linear weight rounded to 4-bit groups in place, as a Q4_1 GGUF stores
+    them (SmolLM2's layers): ``--dtype int8`` gives such layers ``Int4Linear``s."""
+    with torch.no_grad():
+        for m in model.model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(int4_dequantized(*quantize_weight_int4(m.weight)))
+    return model
 
 
 def teacher_forced_logits(agent, batch, ids: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -192,15 +209,28 @@ def test_hooks_turn_the_fast_path_off():
     assert FastSteps.supports(model)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("int8", [False, True])
-def test_low_precision_steps_follow_transformers(arch, int8):
-    """bfloat16 and int8 (``Int8Linear.step_op``) decode steps, teacher-forced: FastSteps rotates and
-    softcaps in float32 where transformers rounds to bfloat16, so they agree to about 1% of the logits'
-    scale (measured: 0.7-1.2%); a real error (a dropped bias, a wrong rotary table) shows at 15% and more."""
+@pytest.mark.parametrize(
+    "arch, form",
+    # the tiny Qwen3's width (80) is no multiple of the int4 group (32): its layers stay int8
+    [
+        (arch, form)
+        for arch in ARCHS
+        for form in ("bfloat16", "int8", "int4")
+        if (arch, form) != ("qwen3", "int4")
+    ],
+)
+def test_low_precision_steps_follow_transformers(arch, form):
+    """bfloat16, int8 and int4 (``Int8Linear`` / ``Int4Linear.step_op``) decode steps, teacher-forced:
+    FastSteps rotates and softcaps in float32 where transformers rounds to bfloat16, so they agree to about
+    1% of the logits' scale (measured: 0.7-1.2%); a real error (a dropped bias, a wrong rotary table) shows
+    at 15% and more."""
     model, tok = tiny_model(arch, torch.bfloat16)
-    if int8:
+    if form == "int4":
+        four_bit_weights(model)
+    if form != "bfloat16":
         quantize_module(model)
+        kinds = {type(m) for m in model.model.modules() if isinstance(m, LowBitLinear)}
+        assert kinds == {Int4Linear if form == "int4" else Int8Linear}
     agent = Agent(name="a", model=model, tokenizer=tok, template=ROLE_TEMPLATES["solver"])
     batch = _batch(agent, QUESTIONS[:3])
     ids = torch.randint(3, len(tok), (3, 12), generator=torch.Generator().manual_seed(0))

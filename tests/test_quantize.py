@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -17,10 +18,10 @@ from recursivemas.errors import ConfigError
 from recursivemas.loading import load_system
 from recursivemas.models.tiny import tiny_model
 from recursivemas.presets import build_from_specs
-from recursivemas.quantize import INT8_MAX_ROWS, Int8Linear, quantize_module
+from recursivemas.quantize import INT8_MAX_ROWS, Int4Linear, Int8Linear, int4_dequantized, quantize_module
 from recursivemas.system import RecursiveMAS
 
-from .test_fast_step import teacher_forced_logits
+from .test_fast_step import four_bit_weights, teacher_forced_logits
 
 QUESTIONS = ["What is 12 plus 30?", "If x + 7 = 19, what is x?"]
 
@@ -156,13 +157,49 @@ def test_quantisation_is_symmetric_per_row_and_leaves_the_source_alone(dtype):
     assert torch.equal(layer.qweight, expected)
 
 
+def _four_bit_linear(out: int, inputs: int, bias: bool = False) -> nn.Linear:
+    torch.manual_seed(0)
+    linear = nn.Linear(inputs, out, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(int4_dequantized(*quantize.quantize_weight_int4(linear.weight)))
+    return linear.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_four_bit_weights_take_int4_and_keep_their_values(bias):
+    """A weight that is 4-bit per group of 32 inputs (as Q4_1 GGUFs store SmolLM2's layers) becomes an
+    ``Int4Linear`` whose products equal the bfloat16 layer's up to bfloat16 rounding (the int8 form is off by
+    about 1%), for up to ``INT8_MAX_ROWS`` rows; more rows take the bfloat16 weight exactly."""
+    linear = _four_bit_linear(96, 64, bias)
+    layer = quantize.quantized_linear(linear)
+    assert isinstance(layer, Int4Linear) and layer.weight.data_ptr() == linear.weight.data_ptr()
+    assert _relative_error(layer.dequantized(), linear.weight) < 0.004
+    for rows in (1, INT8_MAX_ROWS):
+        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+        assert _relative_error(layer(x), linear(x)) < 0.008
+        assert torch.equal(layer.step_op(rows)(x), layer(x))
+    x = torch.randn(INT8_MAX_ROWS + 1, 64, dtype=torch.bfloat16)
+    assert torch.equal(layer(x), linear(x))
+
+
+def test_other_weights_and_shapes_take_int8():
+    """Random weights (int4 would be 4-9 times int8's error) and shapes the int4 kernel cannot take (out
+    not a multiple of 16, in not of 32) stay int8."""
+    assert isinstance(quantize.quantized_linear(nn.Linear(64, 96)), Int8Linear)
+    assert isinstance(quantize.quantized_linear(_four_bit_linear(88, 64)), Int8Linear)
+    assert isinstance(quantize.quantized_linear(nn.Linear(80, 96)), Int8Linear)
+
+
 @pytest.fixture(scope="module")
 def model_folders(tmp_path_factory):
-    """Tiny Llama and Gemma3 saved as local model folders (safetensors + tokenizer), as users pass them."""
+    """Tiny Llama (its layers 4-bit per group, as SmolLM2's: int4) and Gemma3 (random: int8) saved as local
+    model folders (safetensors + tokenizer), as users pass them."""
     root = tmp_path_factory.mktemp("models")
     folders = {}
     for name in ("llama", "gemma3"):
         model, tok = tiny_model(name)
+        if name == "llama":
+            four_bit_weights(model)
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
         folders[name] = str(root / name)
@@ -183,7 +220,7 @@ def _int8_buffers(system: RecursiveMAS) -> dict[str, torch.Tensor]:
         f"{name}.{key}": t
         for name, agent in system.agents.items()
         for key, t in agent.model.state_dict().items()
-        if key.endswith(("qweight", "scales"))
+        if key.rpartition(".")[2] in ("qweight", "scales", "qweight4", "scales_and_zeros")
     }
 
 
@@ -200,6 +237,7 @@ def test_int8_cache_gives_the_weights_quantisation_gives(model_folders, tmp_path
         patch.setattr(quantize, "quantize_weight", lambda w: calls.append(w.shape) or original(w))
         second = _int8_buffers(_int8_folder_system(model_folders, cache))
     assert first.keys() == second.keys() and len(first) > 20
+    assert {k.rpartition(".")[2] for k in first} == {"qweight", "scales", "qweight4", "scales_and_zeros"}
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert calls and all(shape[0] <= 3 for shape in calls)  # only the spot-checked rows
     assert "stale" not in capsys.readouterr().err
@@ -207,10 +245,11 @@ def test_int8_cache_gives_the_weights_quantisation_gives(model_folders, tmp_path
     assert not (tmp_path / "none").exists()
 
 
-@pytest.mark.parametrize("damage", ["weights", "truncate", "touch"])
+@pytest.mark.parametrize("damage", ["weights", "codes", "truncate", "touch"])
 def test_stale_or_broken_int8_cache_is_rewritten(model_folders, tmp_path, capsys, damage):
-    """A cache file that no longer matches its model (the folder's weights rewritten, the file truncated or
-    its model files touched) is said to be stale and requantised, never used."""
+    """A cache file that no longer matches its model (the folder's weights rewritten, its int4 codes
+    changed, the file truncated or its model files touched) is said to be stale and requantised, never
+    used."""
     folders = dict(model_folders)
     folders["llama"] = str(tmp_path / "llama")
     shutil.copytree(model_folders["llama"], folders["llama"])
@@ -221,9 +260,16 @@ def test_stale_or_broken_int8_cache_is_rewritten(model_folders, tmp_path, capsys
         weights = Path(folders["llama"]) / "model.safetensors"
         stat = weights.stat()
         tensors = load_file(weights)
-        flipped = {k: torch.flip(v, dims=[0]).contiguous() for k, v in tensors.items()}
+        # only the int4 layers' weights (rows reversed: still 4-bit, same shapes)
+        flipped = {k: torch.flip(v, dims=[0]).contiguous() if "_proj" in k else v for k, v in tensors.items()}
         save_file(flipped, weights, {"format": "pt"})
         os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    elif damage == "codes":  # every 4-bit code q -> 15 - q, scales kept: the kernel check catches it
+        with safe_open(str(cached), framework="pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(cached)
+        changed = {k: 255 - v if k.endswith(".qweight4") else v for k, v in tensors.items()}
+        save_file(changed, cached, metadata)
     elif damage == "truncate":
         cached.write_bytes(cached.read_bytes()[:1000])
     else:

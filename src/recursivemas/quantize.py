@@ -1,17 +1,30 @@
-"""Int8 weight-only quantisation of the agents' transformer layers and LM heads (``--dtype int8``), for CPUs.
+"""Low-bit weight-only quantisation of the agents' transformer layers and LM heads (``--dtype int8``, the
+CPU default), for CPUs.
 
 Every ``nn.Linear`` inside an agent's backbone (the attention and MLP projections), and its LM head,
-becomes an ``Int8Linear``, which keeps two copies of its weight: the bfloat16 weight it was loaded with,
-and that weight rounded to int8 with one bfloat16 scale per output channel. Up to ``INT8_MAX_ROWS`` input
-rows (the one-position latent and decode steps of batches of up to 8, nearly all of a batch-1 answer's
-time) are multiplied by PyTorch's own int8 weight-only kernel (``torch._weight_int8pack_mm``, the one
-gpt-fast uses) with bfloat16 activations; more rows (a prompt pass, a large batch) by the bfloat16 weight,
-exactly as ``--dtype bfloat16`` computes them. The agents are loaded in bfloat16 first, so embeddings and
-norms are bfloat16; links stay float32, as with ``--dtype bfloat16``. Fingerprints are taken before
-quantising (they are cached), so checkpoints and shipped links still match.
+becomes an ``Int8Linear`` or an ``Int4Linear`` (``quantize_layer`` picks, per layer), which keeps two
+copies of its weight: the bfloat16 weight it was loaded with, and a low-bit one. Up to ``INT8_MAX_ROWS``
+input rows (the one-position latent and decode steps of batches of up to 8, nearly all of a batch-1
+answer's time) are multiplied by the low-bit weight with bfloat16 activations, by PyTorch's own kernels;
+more rows (a prompt pass, a large batch) by the bfloat16 weight, exactly as ``--dtype bfloat16`` computes
+them. The low-bit forms:
 
-Keeping the bfloat16 weight costs memory (3 bytes per weight against float32's 4) and saves time: the
-first version multiplied prompt passes by a weight dequantised on every call, 1.1 s of a 6.3 s batch-1
+* int8, symmetric, one bfloat16 scale per output channel (``torch._weight_int8pack_mm``, the kernel
+  gpt-fast uses): about 1% relative error on any weight;
+* int4 in groups of 32 inputs, asymmetric (torch's CPU int4 kernel ``_weight_int4pack_mm_for_cpu``), for
+  layers where its error is no larger than int8's: weights that were 4-bit per group at source, as the
+  bundled SmolLM2 is (Q4_1 GGUF), come back exactly up to bfloat16 scales (0.25% error), at half int8's
+  bytes and 2.6 times its speed. Gemma-3's layers stay int8: its GGUF holds most of them in 5, 6 or 8
+  bits, and its Q4_K ones have fitted group scales that a min-max requantisation does not recover (4.5%
+  error against int8's 1.1%); so do the LM heads (8-bit tied embeddings).
+
+The agents are loaded in bfloat16 first, so embeddings and norms are bfloat16; links stay float32, as with
+``--dtype bfloat16``. Fingerprints are taken before quantising (they are cached), so checkpoints and
+shipped links still match. ``quantize_agents`` can cache the quantised layers per model folder, so that
+quantisation runs once per machine.
+
+Keeping the bfloat16 weight costs memory (3 bytes per weight against float32's 4 for int8) and saves time:
+the first version multiplied prompt passes by a weight dequantised on every call, 1.1 s of a 6.3 s batch-1
 answer of the default preset (``benchmarks/results/RESULTS.md``, dtype and quantisation).
 
 torchao's ``Int8WeightOnlyConfig`` (0.18) and torch's ``quantize_dynamic`` were measured first: the former
@@ -39,12 +52,22 @@ from recursivemas.models.bundled import cache_root
 from recursivemas.system import RecursiveMAS
 
 INT8_KERNEL = "_weight_int8pack_mm"
-INT8_CACHE_FORMAT = 1
-"""Version of ``quantize_weight``'s output in int8 cache files; files of another version are rewritten."""
+INT4_KERNEL = "_weight_int4pack_mm_for_cpu"
+INT4_GROUP = 32
+"""Input channels per 4-bit group: GGUF's Q4_0/Q4_1/Q4_K blocks (SmolLM2's layers are Q4_1 at source)."""
+INT4_SAMPLE_ROWS = 256
+"""Rows (strided) on which a layer's int4 and int8 errors are compared to choose its form."""
+INT8_CACHE_FORMAT = 2
+"""Version of the quantised layers' form in cache files (2: int4 layers); files of another version, or
+written by another torch (the int4 packing is torch's), are rewritten."""
 INT8_MAX_ROWS = 8
 """Inputs with more rows (a prompt pass, a large batch) multiply by the bfloat16 weight instead:
 the int8 kernel is a matrix-vector loop whose time grows with the rows, bfloat16 GEMMs use AMX/AVX512-BF16
 (measured on these CPUs: int8 wins up to 8 rows, bfloat16 from 16)."""
+
+Quantized = dict[str, torch.Tensor]
+"""One layer's quantised tensors: ``qweight`` and ``scales`` (int8) or ``qweight4`` and
+``scales_and_zeros`` (int4), as ``Int8Linear`` / ``Int4Linear`` hold them and cache files store them."""
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,20 +83,71 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rounded.to(torch.int8), scales.to(torch.bfloat16)
 
 
-class Int8Linear(nn.Module):
-    """A frozen ``nn.Linear`` computing in bfloat16: int8 weights (symmetric, per output channel) for up to
-    ``INT8_MAX_ROWS`` rows, its bfloat16 weight for more."""
+def quantize_weight_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) weight -> (codes (out, in) int32 in 0..15, scales_and_zeros (in / G, out, 2) bfloat16):
+    asymmetric per group of G = ``INT4_GROUP`` inputs, ``s = (max - min) / 15``, ``q = round((w - min) / s)``,
+    zero ``z = min + 8 s``; the kernel multiplies by ``(q - 8) s + z``. A weight that is 4-bit per group at
+    source (a Q4_1 GGUF's) comes back exactly, up to the bfloat16 rounding of ``s`` and ``z``."""
+    out, inputs = weight.shape
+    groups = weight.float().reshape(out, inputs // INT4_GROUP, INT4_GROUP)  # (out, in / G, G)
+    low, high = groups.aminmax(dim=-1)  # (out, in / G) each
+    scales = ((high - low) / 15).clamp(min=1e-12)
+    codes = groups.sub_(low[..., None]).div_(scales[..., None]).round_().clamp_(0, 15)
+    scales_and_zeros = torch.stack([scales, low + 8 * scales], dim=-1).transpose(0, 1)  # (in / G, out, 2)
+    return codes.reshape(out, inputs).to(torch.int32), scales_and_zeros.to(torch.bfloat16).contiguous()
 
-    def __init__(self, linear: nn.Linear, quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """Quantise ``linear``'s weight, or take ``quantized`` = ``quantize_weight(linear.weight)`` as
-        computed before (``quantize_agents``' cache)."""
+
+def int4_dequantized(codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """(out, in) float32 weight ``(q - 8) s + z`` of ``quantize_weight_int4``'s output."""
+    out, inputs = codes.shape
+    scale, zero = scales_and_zeros.float().transpose(0, 1).unbind(-1)  # (out, in / G) each
+    groups = (codes.float().reshape(out, -1, INT4_GROUP) - 8) * scale[..., None] + zero[..., None]
+    return groups.reshape(out, inputs)
+
+
+def _relative_error(approx: torch.Tensor, weight: torch.Tensor) -> float:
+    return float((approx - weight.float()).norm() / weight.float().norm().clamp(min=1e-30))
+
+
+def quantize_layer(weight: torch.Tensor) -> Quantized:
+    """A layer's quantised tensors in the better of two forms: 4-bit groups (``Int4Linear``) where this torch
+    has the int4 kernel, the shape allows it (out a multiple of 16, in of ``INT4_GROUP``) and its error
+    ``||W_q - W|| / ||W||`` on ``INT4_SAMPLE_ROWS`` strided rows is no larger than int8's; else int8 per
+    channel (``Int8Linear``). Weights that were 4-bit at source take int4 (SmolLM2's layers: 0.25% against
+    int8's 1%), others int8 (random or 5/6/8-bit weights: int4 is 4-9 times int8's error)."""
+    out, inputs = weight.shape
+    if hasattr(torch.ops.aten, INT4_KERNEL) and out % 16 == 0 and inputs % INT4_GROUP == 0:
+        sample = weight[:: max(1, out // INT4_SAMPLE_ROWS)]  # (<= 2 x INT4_SAMPLE_ROWS, in)
+        q8, s8 = quantize_weight(sample)
+        int8_error = _relative_error(q8.float() * s8.float()[:, None], sample)
+        if _relative_error(int4_dequantized(*quantize_weight_int4(sample)), sample) <= int8_error:
+            codes, scales_and_zeros = quantize_weight_int4(weight)
+            pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+            return {"qweight4": pack(codes, 1), "scales_and_zeros": scales_and_zeros}
+    qweight, scales = quantize_weight(weight)
+    return {"qweight": qweight, "scales": scales}
+
+
+def quantized_linear(linear: nn.Linear, quantized: Quantized | None = None) -> LowBitLinear:
+    """``linear`` as an ``Int4Linear`` or ``Int8Linear``: the form ``quantize_layer`` picks, or the one
+    ``quantized`` (its earlier output, from a cache) holds."""
+    quantized = quantize_layer(linear.weight.detach()) if quantized is None else quantized
+    if "qweight4" in quantized:
+        return Int4Linear(linear, quantized["qweight4"], quantized["scales_and_zeros"])
+    return Int8Linear(linear, (quantized["qweight"], quantized["scales"]))
+
+
+class LowBitLinear(nn.Module):
+    """A frozen ``nn.Linear`` computing in bfloat16: low-bit weights (``_product``) for up to
+    ``INT8_MAX_ROWS`` rows, its bfloat16 weight (the one it was loaded with, shared) for more."""
+
+    form = ""
+
+    def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        weight = linear.weight.detach()
-        qweight, scales = quantized if quantized is not None else quantize_weight(weight)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
         self.register_buffer("weight", weight.to(torch.bfloat16))  # (out, in), shared if already bfloat16
-        self.register_buffer("qweight", qweight)  # (out, in) int8
-        self.register_buffer("scales", scales)  # (out,) bfloat16
         bias = linear.bias.detach().to(torch.bfloat16) if linear.bias is not None else None
         self.register_buffer("bias", bias)
 
@@ -89,19 +163,83 @@ class Int8Linear(nn.Module):
         by ``rows``: what ``forward`` runs after its reshape and cast, and what ``fast_step.FastSteps``
         calls directly (7 times a layer, 210 times a SmolLM2 step, where the checks and casts of
         ``forward`` were a quarter of an int8 step's time)."""
-        qweight, scales, weight, bias = self.qweight, self.scales, self.weight, self.bias
+        weight, bias = self.weight, self.bias
         if rows > INT8_MAX_ROWS:
             return lambda x: F.linear(x, weight, bias)
+        product = self._product()
         if bias is None:
-            return lambda x: torch._weight_int8pack_mm(x, qweight, scales)
-        return lambda x: torch._weight_int8pack_mm(x, qweight, scales) + bias
+            return product
+        return lambda x: product(x) + bias
+
+    def read_tensors(self, rows: int) -> list[torch.Tensor]:
+        """The tensors a product of ``rows`` rows reads (``benchmarks/roofline.py`` counts their bytes)."""
+        weights = self.low_bit_tensors() if rows <= INT8_MAX_ROWS else [self.weight]
+        return [*weights, *([self.bias] if self.bias is not None else [])]
+
+    def _product(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        raise NotImplementedError
+
+    def low_bit_tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
 
     def dequantized(self) -> torch.Tensor:
-        """(out, in) float32 weight the int8 path multiplies by."""
-        return self.qweight.float() * self.scales.float()[:, None]
+        """(out, in) float32 weight the low-bit path multiplies by."""
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.form} weight-only"
+
+
+class Int8Linear(LowBitLinear):
+    """Int8 weights, symmetric per output channel (``quantize_weight``), by ``torch._weight_int8pack_mm``."""
+
+    form = "int8"
+
+    def __init__(self, linear: nn.Linear, quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Quantise ``linear``'s weight, or take ``quantized`` = ``quantize_weight(linear.weight)`` as
+        computed before (``quantize_agents``' cache)."""
+        super().__init__(linear)
+        qweight, scales = quantized if quantized is not None else quantize_weight(linear.weight.detach())
+        self.register_buffer("qweight", qweight)  # (out, in) int8
+        self.register_buffer("scales", scales)  # (out,) bfloat16
+
+    def _product(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        qweight, scales = self.qweight, self.scales
+        return lambda x: torch._weight_int8pack_mm(x, qweight, scales)
+
+    def low_bit_tensors(self) -> list[torch.Tensor]:
+        return [self.qweight, self.scales]
+
+    def dequantized(self) -> torch.Tensor:
+        return self.qweight.float() * self.scales.float()[:, None]
+
+
+class Int4Linear(LowBitLinear):
+    """4-bit weights in groups of ``INT4_GROUP`` inputs (``quantize_weight_int4``), packed as torch packs
+    them, through torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``): half the bytes of int8, and
+    2.6 times its speed on these CPUs (106M weights: 3.8 ms against 9.9 ms, 2 threads)."""
+
+    form = "int4"
+
+    def __init__(self, linear: nn.Linear, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> None:
+        super().__init__(linear)
+        self.register_buffer("qweight4", packed)  # (out, in / 2) uint8, torch's int4 packing
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # (in / G, out, 2) bfloat16
+
+    def _product(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        packed, scales_and_zeros, kernel = self.qweight4, self.scales_and_zeros, _int4_kernel()
+        return lambda x: kernel(x, packed, INT4_GROUP, scales_and_zeros)
+
+    def low_bit_tensors(self) -> list[torch.Tensor]:
+        return [self.qweight4, self.scales_and_zeros]
+
+    def dequantized(self) -> torch.Tensor:
+        identity = torch.eye(self.in_features, dtype=torch.bfloat16)  # row i of I W^T is column i of W
+        return _int4_kernel()(identity, self.qweight4, INT4_GROUP, self.scales_and_zeros).float().t()
+
+
+def _int4_kernel() -> Callable[..., torch.Tensor]:
+    return getattr(torch.ops.aten, INT4_KERNEL).default
 
 
 def has_int8_kernel() -> bool:
@@ -120,11 +258,11 @@ def check_int8_support() -> None:
 
 
 def quantize_module(module: nn.Module) -> int:
-    """Replace every ``nn.Linear`` under ``module`` with an ``Int8Linear`` in place; return how many."""
+    """Replace every ``nn.Linear`` under ``module`` by its ``quantized_linear`` in place; return how many."""
     count = 0
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
-            setattr(module, name, Int8Linear(child))
+            setattr(module, name, quantized_linear(child))
             count += 1
         else:
             count += quantize_module(child)
@@ -132,23 +270,24 @@ def quantize_module(module: nn.Module) -> int:
 
 
 def int8_cache_dir() -> Path:
-    """Where ``load_system`` keeps int8 weights: ``$RECURSIVEMAS_CACHE/int8`` (default
+    """Where ``load_system`` keeps quantised (int8 and int4) weights: ``$RECURSIVEMAS_CACHE/int8`` (default
     ``~/.cache/recursivemas/int8``), one safetensors file per model folder."""
     return cache_root() / "int8"
 
 
 def quantize_agents(system: RecursiveMAS, cache_dir: Path | None = None) -> RecursiveMAS:
-    """Quantise every agent's backbone Linear layers and LM head to int8 weight-only in place; return
-    ``system``.
+    """Quantise every agent's backbone Linear layers and LM head to int8 or int4 weight-only
+    (``quantize_layer``) in place; return ``system``.
 
     The agents must be bfloat16 and on the CPU; a model shared by several agents is quantised once. A head
     tied to the input embeddings keeps sharing its bfloat16 weight with them (``Int8Linear.weight``).
 
     With ``cache_dir``, a model loaded unchanged from a local folder of safetensors (a bundled model's cache,
-    a downloaded checkpoint) takes its int8 weights from ``cache_dir``, or quantises and saves them there:
-    the default preset loads 1 s faster from the cache. A cached file is used only if the folder's
-    safetensors have the names, sizes and modification times they had when it was written, every layer's
-    shapes match and three rows per layer requantise to the cached ones; otherwise it is rewritten.
+    a downloaded checkpoint) takes its quantised layers from ``cache_dir``, or quantises and saves them
+    there: the default preset loads 1-2 s faster from the cache. A cached file is used only if the folder's
+    safetensors have the names, sizes and modification times they had when it was written (by this torch
+    and format), every layer's shapes match and three rows per layer requantise to the cached ones (for
+    int4, scales equal and products within 1%); otherwise it is rewritten.
     Only pass ``cache_dir`` for weights as ``from_pretrained`` left them (``load_system`` does).
     """
     check_int8_support()
@@ -166,12 +305,14 @@ def quantize_agents(system: RecursiveMAS, cache_dir: Path | None = None) -> Recu
             entry = _cache_entry(agent.model, cache_dir) if cache_dir is not None else None
             quantized = _read_cache(*entry, linears) if entry else None
             if quantized is None:
-                quantized = {name: quantize_weight(layer.weight.detach()) for name, layer in linears.items()}
+                quantized = {name: quantize_layer(layer.weight.detach()) for name, layer in linears.items()}
                 if entry:
                     _write_cache(*entry, quantized)
             for name, linear in linears.items():
                 parent, _, attribute = name.rpartition(".")
-                setattr(agent.model.get_submodule(parent), attribute, Int8Linear(linear, quantized[name]))
+                setattr(
+                    agent.model.get_submodule(parent), attribute, quantized_linear(linear, quantized[name])
+                )
     return system
 
 
@@ -193,52 +334,77 @@ def _cache_entry(model: nn.Module, cache_dir: Path) -> tuple[Path, str] | None:
         return None
     folder = folder.resolve()
     stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    signature = hashlib.sha256(json.dumps([INT8_CACHE_FORMAT, str(folder), stats]).encode()).hexdigest()
+    key = [INT8_CACHE_FORMAT, torch.__version__, str(folder), stats]
+    signature = hashlib.sha256(json.dumps(key).encode()).hexdigest()
     name = hashlib.sha256(str(folder).encode()).hexdigest()[:16]
     return cache_dir / f"{folder.name}-{name}.safetensors", signature
 
 
-def _read_cache(
-    path: Path, signature: str, linears: dict[str, nn.Linear]
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
-    """``{name: (qweight, scales)}`` from ``path`` (memory-mapped) if it holds ``signature`` and every layer
-    checks out, else ``None`` (saying why on stderr when a file was there)."""
+def _read_cache(path: Path, signature: str, linears: dict[str, nn.Linear]) -> dict[str, Quantized] | None:
+    """``{name: quantised tensors}`` from ``path`` (memory-mapped) if it holds ``signature`` and every layer
+    checks out (``_layer_problem``), else ``None`` (saying why on stderr when a file was there)."""
     if not path.is_file():
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
             if (f.metadata() or {}).get("signature") != signature:
-                return _stale(path, "its model's files changed")
+                return _stale(path, "its model's files, the format or torch changed")
         tensors = load_file(path)
     except (SafetensorError, OSError) as err:
         return _stale(path, f"it is unreadable ({err})")
-    if set(tensors) != {f"{name}.{part}" for name in linears for part in ("qweight", "scales")}:
+    quantized: dict[str, Quantized] = {}
+    for key, tensor in tensors.items():
+        name, _, part = key.rpartition(".")
+        quantized.setdefault(name, {})[part] = tensor
+    if quantized.keys() != linears.keys():
         return _stale(path, "its layers differ from the model's")
-    quantized = {}
     for name, linear in linears.items():
-        qweight, scales = tensors[f"{name}.qweight"], tensors[f"{name}.scales"]
-        weight = linear.weight.detach()  # (out, in)
+        problem = _layer_problem(linear.weight.detach(), quantized[name])
+        if problem:
+            return _stale(path, f"layer {name} {problem}")
+    return quantized
+
+
+def _layer_problem(weight: torch.Tensor, parts: Quantized) -> str | None:
+    """Why ``parts`` are not ``quantize_layer(weight)``'s, judged by their shapes and dtypes and by three
+    rows requantised; ``None`` if they are."""
+    out, inputs = weight.shape
+    rows = sorted({0, out // 2, out - 1})
+    if parts.keys() == {"qweight", "scales"}:
+        qweight, scales = parts["qweight"], parts["scales"]
         if (qweight.dtype, qweight.shape, scales.dtype, scales.shape) != (
             torch.int8,
             weight.shape,
             torch.bfloat16,
             weight.shape[:1],
         ):
-            return _stale(path, f"layer {name} has the wrong shape or dtype")
-        rows = sorted({0, weight.shape[0] // 2, weight.shape[0] - 1})
+            return "has the wrong shape or dtype"
         q_rows, s_rows = quantize_weight(weight[rows])
-        if not (torch.equal(q_rows, qweight[rows]) and torch.equal(s_rows, scales[rows])):
-            return _stale(path, f"layer {name} does not match the model's weights")
-        quantized[name] = (qweight, scales)
-    return quantized
+        same = torch.equal(q_rows, qweight[rows]) and torch.equal(s_rows, scales[rows])
+        return None if same else "does not match the model's weights"
+    if parts.keys() == {"qweight4", "scales_and_zeros"}:
+        packed, scales_and_zeros = parts["qweight4"], parts["scales_and_zeros"]
+        if (packed.dtype, packed.shape, scales_and_zeros.dtype, scales_and_zeros.shape) != (
+            torch.uint8,
+            (out, inputs // 2),
+            torch.bfloat16,
+            (inputs // INT4_GROUP, out, 2),
+        ):
+            return "has the wrong shape or dtype"
+        codes, s_rows = quantize_weight_int4(weight[rows])
+        x = torch.randn(1, inputs, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+        got = _int4_kernel()(x, packed, INT4_GROUP, scales_and_zeros)[0, rows].float()  # (3,)
+        expected = x.float() @ int4_dequantized(codes, s_rows).t()  # (1, 3)
+        close = float((got - expected[0]).norm()) <= 0.01 * float(expected.norm()) + 1e-6
+        same = torch.equal(s_rows, scales_and_zeros[:, rows]) and close
+        return None if same else "does not match the model's weights"
+    return f"holds {sorted(parts)}, not a quantised layer"
 
 
-def _write_cache(path: Path, signature: str, quantized: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+def _write_cache(path: Path, signature: str, quantized: dict[str, Quantized]) -> None:
     """Save ``quantized`` to ``path`` atomically; a failed write (full disk, read-only cache) only costs the
     next load its quantisation, so it is reported on stderr, not raised."""
-    tensors = {}
-    for name, (qweight, scales) in quantized.items():
-        tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = qweight, scales
+    tensors = {f"{name}.{part}": t for name, parts in quantized.items() for part, t in parts.items()}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"signature": signature}))
