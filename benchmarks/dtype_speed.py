@@ -37,14 +37,15 @@ import torch
 from recursivemas.agent import GenerationConfig, StepConfig
 from recursivemas.eval.harness import wilson_interval
 from recursivemas.eval.tasks import Task, load_task
-from recursivemas.loading import DTYPE_CHOICES, load_system
+from recursivemas.loading import AUTO, DTYPE_CHOICES, load_system
 from recursivemas.quantize import INT8_MAX_ROWS
 from recursivemas.system import RecursiveMAS
 
 RESULTS = Path(__file__).parent / "results"
 BATCHES = (1, 8)
 COMPILED, TRANSFORMERS = "compile", "transformers"
-VARIANTS = [*DTYPE_CHOICES, *(f"{d}+{f}" for f in (COMPILED, TRANSFORMERS) for d in DTYPE_CHOICES)]
+DTYPES = [d for d in DTYPE_CHOICES if d != AUTO]  # named as they run: auto is int8 here
+VARIANTS = [*DTYPES, *(f"{d}+{f}" for f in (COMPILED, TRANSFORMERS) for d in DTYPES)]
 """``--dtypes`` values: every ``--dtype``, alone, with ``--compile`` (``int8+compile``) or with
 transformers' forward for every step (``float32+transformers``)."""
 AGREEMENT_BATCH = INT8_MAX_ROWS

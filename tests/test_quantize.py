@@ -182,6 +182,14 @@ def test_four_bit_weights_take_int4_and_keep_their_values(bias):
     assert torch.equal(layer(x), linear(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_choosing_and_quantising_a_layer_leaves_its_source_alone(dtype):
+    for linear in (_four_bit_linear(96, 64).to(dtype), nn.Linear(64, 96).to(dtype)):
+        source = linear.weight.detach().clone()
+        quantize.quantized_linear(linear)
+        assert torch.equal(linear.weight, source)
+
+
 def test_other_weights_and_shapes_take_int8():
     """Random weights (int4 would be 4-9 times int8's error) and shapes the int4 kernel cannot take (out
     not a multiple of 16, in not of 32) stay int8."""

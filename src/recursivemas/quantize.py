@@ -89,7 +89,8 @@ def quantize_weight_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     zero ``z = min + 8 s``; the kernel multiplies by ``(q - 8) s + z``. A weight that is 4-bit per group at
     source (a Q4_1 GGUF's) comes back exactly, up to the bfloat16 rounding of ``s`` and ``z``."""
     out, inputs = weight.shape
-    groups = weight.float().reshape(out, inputs // INT4_GROUP, INT4_GROUP)  # (out, in / G, G)
+    groups = weight.to(torch.float32, copy=True)  # a copy: codes are computed in place below
+    groups = groups.reshape(out, inputs // INT4_GROUP, INT4_GROUP)  # (out, in / G, G)
     low, high = groups.aminmax(dim=-1)  # (out, in / G) each
     scales = ((high - low) / 15).clamp(min=1e-12)
     codes = groups.sub_(low[..., None]).div_(scales[..., None]).round_().clamp_(0, 15)
