@@ -80,6 +80,7 @@ class Server:
             sys.executable, "-m", "recursivemas.serve", "--preset", preset, "--port", str(self.port),
             "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms),
             "--max-queue", "1024", "--max-tokens-limit", str(max(max_tokens, 1024)),
+            "--dtype", "float32",  # as the committed figures ran (the server's CPU default is int8)
         ]  # fmt: skip
         env = {**os.environ, "RECURSIVEMAS_API_KEY": KEY}
         self.proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

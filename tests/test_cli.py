@@ -274,11 +274,21 @@ def test_cpu_default_is_int8_and_float32_stays_available(monkeypatch, tmp_path, 
 def test_auto_dtype_is_float32_off_the_cpu_or_without_the_int8_kernel(monkeypatch):
     named = ("auto", "float32", "bfloat16")
     assert [resolve_dtype(d, "cpu") for d in named] == ["int8", "float32", "bfloat16"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     assert resolve_dtype("auto", "cuda:0") == resolve_dtype("auto", "mps") == "float32"
     monkeypatch.delattr(torch, quantize.INT8_KERNEL)
     assert resolve_dtype("auto", "cpu") == "float32"
     with pytest.raises(ConfigError, match="unknown --dtype 'int4'; choose one of auto, bfloat16"):
         resolve_dtype("int4", "cpu")
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x"])
+def test_eval_with_an_unknown_device_is_a_clear_error(tmp_path, capsys, device):
+    argv = ["eval", "--preset", "tiny-random", "--task", "relay:1", "--limit", "1", "--device", device]
+    assert main([*argv, "--output", str(tmp_path)]) == 2
+    assert f"unknown --device {device!r}" in capsys.readouterr().err
 
 
 def test_eval_report_names_the_dtype_that_ran(tmp_path):

@@ -12,10 +12,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from recursivemas import quantize
+from recursivemas import models, quantize
 from recursivemas.cli import main
 from recursivemas.errors import ConfigError
 from recursivemas.loading import load_system
+from recursivemas.models import loaded_weight_files, weight_files
 from recursivemas.models.tiny import tiny_model
 from recursivemas.presets import build_from_specs
 from recursivemas.quantize import INT8_MAX_ROWS, Int4Linear, Int8Linear, int4_dequantized, quantize_module
@@ -182,6 +183,20 @@ def test_four_bit_weights_take_int4_and_keep_their_values(bias):
     assert torch.equal(layer(x), linear(x))
 
 
+@pytest.mark.parametrize("form", ["int8", "int4"])
+def test_low_bit_products_take_rows_strided_apart(form):
+    """Row-major rows that are not packed together (a slice of wider rows, as FastSteps' attention output
+    can be at batch 8) give the packed rows' result; torch's int4 kernel crashed on them."""
+    linear = _four_bit_linear(96, 64) if form == "int4" else nn.Linear(64, 96).to(torch.bfloat16)
+    layer = quantize.quantized_linear(linear)
+    assert layer.form == form
+    wide = torch.randn(INT8_MAX_ROWS, 3 * 64, dtype=torch.bfloat16)
+    for rows in (2, INT8_MAX_ROWS):
+        x = wide[:rows, 64:128]  # (rows, 64), rows 192 apart
+        assert not x.is_contiguous()
+        assert torch.equal(layer.step_op(rows)(x), layer.step_op(rows)(x.contiguous()))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_choosing_and_quantising_a_layer_leaves_its_source_alone(dtype):
     for linear in (_four_bit_linear(96, 64).to(dtype), nn.Linear(64, 96).to(dtype)):
@@ -247,7 +262,9 @@ def test_int8_cache_gives_the_weights_quantisation_gives(model_folders, tmp_path
     assert first.keys() == second.keys() and len(first) > 20
     assert {k.rpartition(".")[2] for k in first} == {"qweight", "scales", "qweight4", "scales_and_zeros"}
     assert all(torch.equal(first[k], second[k]) for k in first)
-    assert calls and all(shape[0] <= 3 for shape in calls)  # only the spot-checked rows
+    # read into torch's own (64-byte aligned) memory: the int8 kernel crashed at 8 rows on mapped weights
+    assert all(t.data_ptr() % 64 == 0 for t in second.values())
+    assert calls and all(shape[0] <= 4 for shape in calls)  # only the spot-checked rows
     assert "stale" not in capsys.readouterr().err
     quantize.quantize_agents(load_system("tiny-random", None, "bfloat16", "cpu"), cache_dir=tmp_path / "none")
     assert not (tmp_path / "none").exists()
@@ -292,9 +309,41 @@ def test_stale_or_broken_int8_cache_is_rewritten(model_folders, tmp_path, capsys
     assert "stale" not in capsys.readouterr().err
 
 
+def test_int8_cache_is_keyed_to_the_files_the_weights_were_loaded_from(model_folders, tmp_path, capsys):
+    """Weight files rewritten after a model loaded (before it is quantised) leave its cache keyed to the
+    files it came from, so the new files' first load requantises."""
+    folders = dict(model_folders)
+    folders["llama"] = str(tmp_path / "llama")
+    shutil.copytree(model_folders["llama"], folders["llama"])
+    cache = tmp_path / "int8"
+    old = _bf16_folder_system(folders)
+    weights = Path(folders["llama"]) / "model.safetensors"
+    tensors = load_file(weights)
+    flipped = {k: torch.flip(v, dims=[0]).contiguous() for k, v in tensors.items()}
+    save_file(flipped, weights, {"format": "pt"})
+    quantize.quantize_agents(old, cache_dir=cache)  # quantises the old weights, keyed to the old files
+    capsys.readouterr()
+    new = _int8_folder_system(folders, cache)
+    assert "is stale, its model's files, the format or torch changed" in capsys.readouterr().err
+    expected = _int8_buffers(quantize.quantize_agents(_bf16_folder_system(folders)))
+    assert all(torch.equal(_int8_buffers(new)[k], expected[k]) for k in expected)
+    recorded = loaded_weight_files(new.agents["planner"].model)
+    assert recorded == (str(Path(folders["llama"]).resolve()), weight_files(Path(folders["llama"])))
+    assert weight_files(tmp_path / "missing") == []
+
+
+def test_weights_changed_while_loading_get_no_cache(model_folders, monkeypatch):
+    """A model whose weight files changed between the start and the end of its load records none, so no
+    cache is read or written for it."""
+    stamps = iter([[("model.safetensors", 1, 1)], [("model.safetensors", 1, 2)]])
+    monkeypatch.setattr(models, "weight_files", lambda folder: next(stamps))
+    model, _ = models.load_model(model_folders["llama"], torch.bfloat16)
+    assert loaded_weight_files(model) is None
+
+
 def test_unwritable_int8_cache_still_loads(model_folders, tmp_path, capsys):
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
     system = _int8_folder_system(model_folders, blocked / "int8")
-    assert "could not cache int8 weights" in capsys.readouterr().err
+    assert "could not cache quantised weights" in capsys.readouterr().err
     assert any(isinstance(m, Int8Linear) for m in system.agents["planner"].model.modules())

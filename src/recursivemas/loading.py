@@ -57,13 +57,14 @@ def resolve_dtype(dtype_name: str, device: str) -> str:
     (x2.1 the speed of float32 on the default preset, with accuracy within float32's interval:
     ``benchmarks/results/RESULTS.md``, dtype and quantisation), ``float32`` otherwise.
 
-    Raises ``ConfigError`` for a name that is not a ``--dtype`` choice.
+    Raises ``ConfigError`` for a name that is not a ``--dtype`` choice, or (for ``auto``) a device that
+    ``resolve_device`` rejects.
     """
     if dtype_name not in DTYPE_CHOICES:
         raise ConfigError(f"unknown --dtype {dtype_name!r}; choose one of {', '.join(DTYPE_CHOICES)}")
     if dtype_name != AUTO:
         return dtype_name
-    return "int8" if torch.device(device).type == "cpu" and has_int8_kernel() else "float32"
+    return "int8" if torch.device(resolve_device(device)).type == "cpu" and has_int8_kernel() else "float32"
 
 
 def load_system(

@@ -36,18 +36,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 
 from recursivemas.errors import ConfigError
 from recursivemas.fileio import WRITE_ERRORS, atomic_write
+from recursivemas.models import loaded_weight_files
 from recursivemas.models.bundled import cache_root
 from recursivemas.system import RecursiveMAS
 
@@ -229,7 +231,9 @@ class Int4Linear(LowBitLinear):
 
     def _product(self) -> Callable[[torch.Tensor], torch.Tensor]:
         packed, scales_and_zeros, kernel = self.qweight4, self.scales_and_zeros, _int4_kernel()
-        return lambda x: kernel(x, packed, INT4_GROUP, scales_and_zeros)
+        # the kernel assumes a contiguous input (rows strided apart, e.g. FastSteps' attention output at
+        # batch 8, crash it), where the int8 one only needs each row contiguous
+        return lambda x: kernel(x.contiguous(), packed, INT4_GROUP, scales_and_zeros)
 
     def low_bit_tensors(self) -> list[torch.Tensor]:
         return [self.qweight4, self.scales_and_zeros]
@@ -283,13 +287,14 @@ def quantize_agents(system: RecursiveMAS, cache_dir: Path | None = None) -> Recu
     The agents must be bfloat16 and on the CPU; a model shared by several agents is quantised once. A head
     tied to the input embeddings keeps sharing its bfloat16 weight with them (``Int8Linear.weight``).
 
-    With ``cache_dir``, a model loaded unchanged from a local folder of safetensors (a bundled model's cache,
-    a downloaded checkpoint) takes its quantised layers from ``cache_dir``, or quantises and saves them
-    there: the default preset loads 1-2 s faster from the cache. A cached file is used only if the folder's
-    safetensors have the names, sizes and modification times they had when it was written (by this torch
-    and format), every layer's shapes match and three rows per layer requantise to the cached ones (for
-    int4, scales equal and products within 1%); otherwise it is rewritten.
-    Only pass ``cache_dir`` for weights as ``from_pretrained`` left them (``load_system`` does).
+    With ``cache_dir``, a model loaded from a local folder (a bundled model's cache, a downloaded
+    checkpoint; ``models.load_model`` records its weight files) takes its quantised layers from
+    ``cache_dir``, or quantises and saves them there: the default preset loads 1-2 s faster from the cache.
+    A cached file is used only if the folder's weight files have the names, sizes and modification times
+    they had when the model that wrote it loaded (with this torch and format), every layer's shapes match
+    and four rows per layer (one drawn at random) requantise to the cached ones (for int4: scales equal,
+    products within 1%); otherwise it is rewritten.
+    Only pass ``cache_dir`` for weights as they were loaded (``load_system`` does).
     """
     check_int8_support()
     agents = list(system.agents.values())
@@ -327,30 +332,32 @@ def _quantized_linears(model: nn.Module, backbone: nn.Module) -> dict[str, nn.Li
 
 
 def _cache_entry(model: nn.Module, cache_dir: Path) -> tuple[Path, str] | None:
-    """(cache file, signature of the model's files) for a model loaded from a local folder of safetensors;
-    ``None`` for others (built from a config, a hub id)."""
-    folder = Path(getattr(model, "name_or_path", "") or "")
-    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    if not files:
+    """(cache file, signature) for a model loaded from a local folder whose weight files did not change
+    while it loaded (``models.loaded_weight_files``); ``None`` for others (built from a config, a hub id).
+    The file is one per folder, torch version and format; the signature adds the weight files' names, sizes
+    and modification times."""
+    loaded = loaded_weight_files(model)
+    if loaded is None:
         return None
-    folder = folder.resolve()
-    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    key = [INT8_CACHE_FORMAT, torch.__version__, str(folder), stats]
-    signature = hashlib.sha256(json.dumps(key).encode()).hexdigest()
-    name = hashlib.sha256(str(folder).encode()).hexdigest()[:16]
-    return cache_dir / f"{folder.name}-{name}.safetensors", signature
+    folder, files = loaded
+    place = [INT8_CACHE_FORMAT, torch.__version__, folder]
+    name = hashlib.sha256(json.dumps(place).encode()).hexdigest()[:16]
+    signature = hashlib.sha256(json.dumps([*place, files]).encode()).hexdigest()
+    return cache_dir / f"{Path(folder).name}-{name}.safetensors", signature
 
 
 def _read_cache(path: Path, signature: str, linears: dict[str, nn.Linear]) -> dict[str, Quantized] | None:
-    """``{name: quantised tensors}`` from ``path`` (memory-mapped) if it holds ``signature`` and every layer
+    """``{name: quantised tensors}`` from ``path`` if it holds ``signature`` and every layer
     checks out (``_layer_problem``), else ``None`` (saying why on stderr when a file was there)."""
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # one handle: the file checked is the file read
             if (f.metadata() or {}).get("signature") != signature:
                 return _stale(path, "its model's files, the format or torch changed")
-        tensors = load_file(path)
+            # copied out of the mapping: mapped tensors lie where the file puts them (8-byte aligned), and
+            # torch's int8 kernel crashes at 8 rows on weights that are not 64-byte aligned
+            tensors = {key: f.get_tensor(key).clone() for key in f.keys()}  # noqa: SIM118 (a safe_open handle is no dict)
     except (SafetensorError, OSError) as err:
         return _stale(path, f"it is unreadable ({err})")
     quantized: dict[str, Quantized] = {}
@@ -367,10 +374,11 @@ def _read_cache(path: Path, signature: str, linears: dict[str, nn.Linear]) -> di
 
 
 def _layer_problem(weight: torch.Tensor, parts: Quantized) -> str | None:
-    """Why ``parts`` are not ``quantize_layer(weight)``'s, judged by their shapes and dtypes and by three
-    rows requantised; ``None`` if they are."""
+    """Why ``parts`` are not ``quantize_layer(weight)``'s, judged by their shapes and dtypes and by rows
+    requantised (the first, middle and last, and one drawn at random, so that a weight changed in a row the
+    fixed ones miss shows over loads); ``None`` if they are."""
     out, inputs = weight.shape
-    rows = sorted({0, out // 2, out - 1})
+    rows = sorted({0, out // 2, out - 1, random.SystemRandom().randrange(out)})  # one new row each load
     if parts.keys() == {"qweight", "scales"}:
         qweight, scales = parts["qweight"], parts["scales"]
         if (qweight.dtype, qweight.shape, scales.dtype, scales.shape) != (
@@ -394,8 +402,8 @@ def _layer_problem(weight: torch.Tensor, parts: Quantized) -> str | None:
             return "has the wrong shape or dtype"
         codes, s_rows = quantize_weight_int4(weight[rows])
         x = torch.randn(1, inputs, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-        got = _int4_kernel()(x, packed, INT4_GROUP, scales_and_zeros)[0, rows].float()  # (3,)
-        expected = x.float() @ int4_dequantized(codes, s_rows).t()  # (1, 3)
+        got = _int4_kernel()(x, packed, INT4_GROUP, scales_and_zeros)[0, rows].float()  # (rows,)
+        expected = x.float() @ int4_dequantized(codes, s_rows).t()  # (1, rows)
         close = float((got - expected[0]).norm()) <= 0.01 * float(expected.norm()) + 1e-6
         same = torch.equal(s_rows, scales_and_zeros[:, rows]) and close
         return None if same else "does not match the model's weights"
@@ -410,9 +418,10 @@ def _write_cache(path: Path, signature: str, quantized: dict[str, Quantized]) ->
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"signature": signature}))
     except WRITE_ERRORS as err:
-        print(f"recursivemas: could not cache int8 weights in {path} ({err})", file=sys.stderr, flush=True)
+        message = f"recursivemas: could not cache quantised weights in {path} ({err})"
+        print(message, file=sys.stderr, flush=True)
 
 
 def _stale(path: Path, reason: str) -> None:
-    print(f"recursivemas: requantising to int8: {path} is stale, {reason}", file=sys.stderr, flush=True)
+    print(f"recursivemas: requantising: {path} is stale, {reason}", file=sys.stderr, flush=True)
     return None

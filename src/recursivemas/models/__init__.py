@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,6 +62,8 @@ def load_models(
 
 
 def _from_pretrained(spec: str, path: str, dtype: torch.dtype, device: str) -> tuple[Any, Any]:
+    folder = Path(path)
+    before = weight_files(folder)
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
@@ -69,4 +72,27 @@ def _from_pretrained(spec: str, path: str, dtype: torch.dtype, device: str) -> t
             f"cannot load model {spec!r}: it is not a registry name ({', '.join(registry_names())}), "
             f"a local model folder, or a hub id reachable from here ({err.__class__.__name__})"
         ) from None
+    if before and weight_files(folder) == before:  # unchanged while it loaded
+        setattr(model, WEIGHT_FILES_ATTR, (str(folder.resolve()), before))
     return model, tok
+
+
+WEIGHT_FILES_ATTR = "recursivemas_weight_files"
+"""Attribute of a model loaded from a local folder: (folder, ``weight_files(folder)``), taken before and
+checked after loading; what ``quantize`` keys its cache of quantised layers on."""
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json")
+
+
+def weight_files(folder: Path) -> list[tuple[str, int, int]]:
+    """(name, size, modification time in ns) of every weight file (safetensors, PyTorch ``.bin`` and
+    their shard indexes) in ``folder``, sorted; empty if it is not a folder or has none."""
+    if not folder.is_dir():
+        return []
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
+def loaded_weight_files(model: torch.nn.Module) -> tuple[str, list[tuple[str, int, int]]] | None:
+    """(folder, weight files) ``model`` was loaded from, unchanged while it loaded; ``None`` for a model
+    built from a config, loaded from the hub or from files that changed under the load."""
+    return getattr(model, WEIGHT_FILES_ATTR, None)
