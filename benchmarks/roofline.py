@@ -1,7 +1,7 @@
 """Roofline of the one-position steps: measured time vs the time to stream the bytes a step must read.
 
     python benchmarks/roofline.py [--models smollm2-135m gemma3-270m] [--batches 1 4 16]
-                                  [--dtype float32|bfloat16|int8] [--prompt-tokens 64] [--steps 16]
+                                  [--dtype float32|bfloat16|int8|int4] [--prompt-tokens 64] [--steps 16]
                                   [--rollouts 4] [--quick]
 
 Bandwidth: best of several ``dst.copy_(src)`` of 1 GiB float32 with torch's default threads, counted as
@@ -25,9 +25,10 @@ run once each in order on a random (batch, in) input (``linears_ms``, with its o
 Bound: bytes read per step / copy bandwidth. A latent step reads every transformer layer and the final norm,
 the inner link and the KV cache (no embedding row: its input is a vector; no LM head). A decode step reads
 the same layers, one embedding row per batch row, the LM head (with tied embeddings that is the embedding
-matrix, counted once) and the KV cache. Activations are not counted. With ``--dtype int8`` (the CPU default,
-``recursivemas.quantize``), the layers' Linears and the LM head read their int8 or int4 weights and
-bfloat16 scales up to ``INT8_MAX_ROWS`` rows and their bfloat16 weights beyond, and the rest is bfloat16.
+matrix, counted once) and the KV cache. Activations are not counted. With ``--dtype int8`` (the CPU
+default) or ``int4`` (``recursivemas.quantize``), the layers' Linears and the LM head read their int8 or
+int4 weights and bfloat16 scales up to ``INT8_MAX_ROWS`` rows and their bfloat16 weights beyond, and the
+rest is bfloat16.
 Writes ``results/roofline.json`` (``roofline-<dtype>.json`` for other dtypes, ``-quick`` with ``--quick``) and
 prints a Markdown table.
 """
@@ -171,11 +172,13 @@ def linears(agent: Agent, batch: int, repeats: int) -> tuple[float, int]:
 
 def measure(spec: str, args: argparse.Namespace, gbps: float) -> list[dict]:
     """Rows of one model: latent and decode steps at each batch size."""
-    int8 = args.dtype == "int8"
-    agent = Agent.from_pretrained(spec, "agent", dtype=torch.bfloat16 if int8 else getattr(torch, args.dtype))
-    if int8:  # as quantize.quantize_agents does
-        quantize_module(agent.backbone)
-        agent.model.set_output_embeddings(quantized_linear(agent.model.get_output_embeddings()))
+    low_bit, int4 = args.dtype in ("int8", "int4"), args.dtype == "int4"
+    agent = Agent.from_pretrained(
+        spec, "agent", dtype=torch.bfloat16 if low_bit else getattr(torch, args.dtype)
+    )
+    if low_bit:  # as quantize.quantize_agents does
+        quantize_module(agent.backbone, int4)
+        agent.model.set_output_embeddings(quantized_linear(agent.model.get_output_embeddings(), int4=int4))
     d, elem = agent.hidden_size, agent.dtype.itemsize
     link = InnerLink(LinkConfig("agent", "inner", d, d, residual_proj=True, rescale_norm=1.0))
     emb, head = agent.model.get_input_embeddings(), agent.model.get_output_embeddings()
@@ -221,7 +224,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(BUNDLED))
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"])
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8", "int4"]
+    )
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--steps", type=int, default=16, help="timed one-position steps per rollout")
     parser.add_argument("--rollouts", type=int, default=4, help="measured rollouts (one more for warm-up)")

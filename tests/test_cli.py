@@ -280,8 +280,8 @@ def test_auto_dtype_is_float32_off_the_cpu_or_without_the_int8_kernel(monkeypatc
     assert resolve_dtype("auto", "cuda:0") == resolve_dtype("auto", "mps") == "float32"
     monkeypatch.delattr(torch, quantize.INT8_KERNEL)
     assert resolve_dtype("auto", "cpu") == "float32"
-    with pytest.raises(ConfigError, match="unknown --dtype 'int4'; choose one of auto, bfloat16"):
-        resolve_dtype("int4", "cpu")
+    with pytest.raises(ConfigError, match="unknown --dtype 'int2'; choose one of auto, bfloat16"):
+        resolve_dtype("int2", "cpu")
 
 
 @pytest.mark.parametrize("device", ["gpu", "cuda:x"])

@@ -228,7 +228,7 @@ def test_low_precision_steps_follow_transformers(arch, form):
     if form == "int4":
         four_bit_weights(model)
     if form != "bfloat16":
-        quantize_module(model)
+        quantize_module(model, int4=form == "int4")
         kinds = {type(m) for m in model.model.modules() if isinstance(m, LowBitLinear)}
         assert kinds == {Int4Linear if form == "int4" else Int8Linear}
     agent = Agent(name="a", model=model, tokenizer=tok, template=ROLE_TEMPLATES["solver"])

@@ -93,6 +93,9 @@ def test_int8_steps_follow_bfloat16(int8_system):
 
 
 def test_missing_kernel_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(quantize, "has_int4_kernel", lambda: False)
+    with pytest.raises(ConfigError, match=r"int4 needs PyTorch's CPU int4 kernel.*install"):
+        load_system("tiny-random", None, "int4", "cpu")
     monkeypatch.delattr(torch, quantize.INT8_KERNEL)
     with pytest.raises(ConfigError, match=r"int8 weight-only kernel.*install"):
         load_system("tiny-random", None, "int8", "cpu")
@@ -102,7 +105,7 @@ def test_int8_needs_bfloat16_agents_on_the_cpu():
     with pytest.raises(ConfigError, match="bfloat16 agents"):
         quantize.quantize_agents(load_system("tiny-random", None, "float32", "cpu"))
     with pytest.raises(ConfigError, match="unknown --dtype"):
-        load_system("tiny-random", None, "int4", "cpu")
+        load_system("tiny-random", None, "int2", "cpu")
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -127,10 +130,11 @@ def test_int8_head_gives_strided_last_positions_the_contiguous_result(int8_syste
     assert torch.equal(head(x), head(x.contiguous()))
 
 
-def test_cli_runs_with_dtype_int8(capsys):
-    args = ["run", "--preset", "tiny-random", "What is 2+2?", "--dtype", "int8", "--rounds", "1"]
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_cli_runs_with_dtype_int8_and_int4(capsys, dtype):
+    args = ["run", "--preset", "tiny-random", "What is 2+2?", "--dtype", dtype, "--rounds", "1"]
     assert main([*args, "--latent-steps", "2", "--max-new-tokens", "3"]) == 0
-    assert "int8" in capsys.readouterr().err
+    assert f"({dtype} on cpu)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("rows", [1, INT8_MAX_ROWS, INT8_MAX_ROWS + 1])
@@ -172,7 +176,8 @@ def test_four_bit_weights_take_int4_and_keep_their_values(bias):
     ``Int4Linear`` whose products equal the bfloat16 layer's up to bfloat16 rounding (the int8 form is off by
     about 1%), for up to ``INT8_MAX_ROWS`` rows; more rows take the bfloat16 weight exactly."""
     linear = _four_bit_linear(96, 64, bias)
-    layer = quantize.quantized_linear(linear)
+    assert isinstance(quantize.quantized_linear(linear), Int8Linear)  # --dtype int8: no int4 layers
+    layer = quantize.quantized_linear(linear, int4=True)
     assert isinstance(layer, Int4Linear) and layer.weight.data_ptr() == linear.weight.data_ptr()
     assert _relative_error(layer.dequantized(), linear.weight) < 0.004
     for rows in (1, INT8_MAX_ROWS):
@@ -188,7 +193,7 @@ def test_low_bit_products_take_rows_strided_apart(form):
     """Row-major rows that are not packed together (a slice of wider rows, as FastSteps' attention output
     can be at batch 8) give the packed rows' result; torch's int4 kernel crashed on them."""
     linear = _four_bit_linear(96, 64) if form == "int4" else nn.Linear(64, 96).to(torch.bfloat16)
-    layer = quantize.quantized_linear(linear)
+    layer = quantize.quantized_linear(linear, int4=True)
     assert layer.form == form
     wide = torch.randn(INT8_MAX_ROWS, 3 * 64, dtype=torch.bfloat16)
     for rows in (2, INT8_MAX_ROWS):
@@ -201,16 +206,15 @@ def test_low_bit_products_take_rows_strided_apart(form):
 def test_choosing_and_quantising_a_layer_leaves_its_source_alone(dtype):
     for linear in (_four_bit_linear(96, 64).to(dtype), nn.Linear(64, 96).to(dtype)):
         source = linear.weight.detach().clone()
-        quantize.quantized_linear(linear)
+        quantize.quantized_linear(linear, int4=True)
         assert torch.equal(linear.weight, source)
 
 
 def test_other_weights_and_shapes_take_int8():
     """Random weights (int4 would be 4-9 times int8's error) and shapes the int4 kernel cannot take (out
     not a multiple of 16, in not of 32) stay int8."""
-    assert isinstance(quantize.quantized_linear(nn.Linear(64, 96)), Int8Linear)
-    assert isinstance(quantize.quantized_linear(_four_bit_linear(88, 64)), Int8Linear)
-    assert isinstance(quantize.quantized_linear(nn.Linear(80, 96)), Int8Linear)
+    for linear in (nn.Linear(64, 96), _four_bit_linear(88, 64), nn.Linear(80, 96)):
+        assert isinstance(quantize.quantized_linear(linear, int4=True), Int8Linear)
 
 
 @pytest.fixture(scope="module")
@@ -229,8 +233,8 @@ def model_folders(tmp_path_factory):
     return folders
 
 
-def _int8_folder_system(folders: dict[str, str], cache: Path) -> RecursiveMAS:
-    return quantize.quantize_agents(_bf16_folder_system(folders), cache_dir=cache)
+def _int8_folder_system(folders: dict[str, str], cache: Path, int4: bool = True) -> RecursiveMAS:
+    return quantize.quantize_agents(_bf16_folder_system(folders), cache_dir=cache, int4=int4)
 
 
 def _bf16_folder_system(folders: dict[str, str]) -> RecursiveMAS:
@@ -253,7 +257,7 @@ def test_int8_cache_gives_the_weights_quantisation_gives(model_folders, tmp_path
     (tiny-random, built from a config) are quantised every time, with nothing cached."""
     cache = tmp_path / "int8"
     first = _int8_buffers(_int8_folder_system(model_folders, cache))
-    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["gemma3", "llama"]
+    assert sorted(p.name.rsplit("-", 1)[0] for p in cache.iterdir()) == ["gemma3-int4", "llama-int4"]
     calls = []
     original = quantize.quantize_weight
     with pytest.MonkeyPatch.context() as patch:
@@ -302,7 +306,7 @@ def test_stale_or_broken_int8_cache_is_rewritten(model_folders, tmp_path, capsys
     capsys.readouterr()
     system = _int8_folder_system(folders, cache)
     assert f"{cached} is stale" in capsys.readouterr().err
-    expected = _int8_buffers(quantize.quantize_agents(_bf16_folder_system(folders)))
+    expected = _int8_buffers(quantize.quantize_agents(_bf16_folder_system(folders), int4=True))
     got = _int8_buffers(system)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     _int8_folder_system(folders, cache)  # rewritten: no longer stale
@@ -321,11 +325,11 @@ def test_int8_cache_is_keyed_to_the_files_the_weights_were_loaded_from(model_fol
     tensors = load_file(weights)
     flipped = {k: torch.flip(v, dims=[0]).contiguous() for k, v in tensors.items()}
     save_file(flipped, weights, {"format": "pt"})
-    quantize.quantize_agents(old, cache_dir=cache)  # quantises the old weights, keyed to the old files
+    quantize.quantize_agents(old, cache_dir=cache, int4=True)  # the old weights, keyed to the old files
     capsys.readouterr()
     new = _int8_folder_system(folders, cache)
     assert "is stale, its model's files, the format or torch changed" in capsys.readouterr().err
-    expected = _int8_buffers(quantize.quantize_agents(_bf16_folder_system(folders)))
+    expected = _int8_buffers(quantize.quantize_agents(_bf16_folder_system(folders), int4=True))
     assert all(torch.equal(_int8_buffers(new)[k], expected[k]) for k in expected)
     recorded = loaded_weight_files(new.agents["planner"].model)
     assert recorded == (str(Path(folders["llama"]).resolve()), weight_files(Path(folders["llama"])))
@@ -339,6 +343,17 @@ def test_weights_changed_while_loading_get_no_cache(model_folders, monkeypatch):
     monkeypatch.setattr(models, "weight_files", lambda folder: next(stamps))
     model, _ = models.load_model(model_folders["llama"], torch.bfloat16)
     assert loaded_weight_files(model) is None
+
+
+def test_int8_and_int4_caches_are_separate_files(model_folders, tmp_path):
+    """``--dtype int8`` keeps every layer int8, even 4-bit ones, and caches apart from ``--dtype int4``."""
+    cache = tmp_path / "int8"
+    int4 = _int8_buffers(_int8_folder_system(model_folders, cache, int4=True))
+    for _ in range(2):  # quantised, then from its own cache
+        int8 = _int8_buffers(_int8_folder_system(model_folders, cache, int4=False))
+        assert {k.rpartition(".")[2] for k in int8} == {"qweight", "scales"}
+    assert {k.rpartition(".")[2] for k in int4} == {"qweight", "scales", "qweight4", "scales_and_zeros"}
+    assert len(list(cache.iterdir())) == 4
 
 
 def test_unwritable_int8_cache_still_loads(model_folders, tmp_path, capsys):

@@ -14,7 +14,7 @@ from recursivemas.quantize import check_int8_support, has_int8_kernel, int8_cach
 from recursivemas.system import RecursiveMAS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-QUANTIZED = {"int8": torch.bfloat16}
+QUANTIZED = {"int8": torch.bfloat16, "int4": torch.bfloat16}
 """Quantised ``--dtype`` names -> the dtype agents load in before their Linear layers are quantised."""
 AUTO = "auto"
 """The default ``--dtype``: int8 on the CPU (``resolve_dtype``), float32 elsewhere."""
@@ -22,7 +22,8 @@ DTYPE_CHOICES = [AUTO, *sorted([*DTYPES, *QUANTIZED])]
 """Every ``--dtype`` value ``load_system`` takes."""
 DTYPE_HELP = (
     "agent weights (default auto: int8 on the CPU, float32 on other devices); int8: int8 weight-only "
-    "one-position steps, bfloat16 prompt passes and the rest (CPU only); links always compute in float32"
+    "one-position steps, bfloat16 prompt passes and the rest (CPU only); int4: as int8, with 4-bit layers "
+    "where the weights are 4-bit at source (faster; see the README); links always compute in float32"
 )
 """The ``--dtype`` help of every command that loads a system."""
 COMPILE_HELP = (
@@ -89,7 +90,7 @@ def load_system(
     device = resolve_device(device)
     dtype_name = resolve_dtype(dtype_name, device)
     if dtype_name in QUANTIZED:
-        check_int8_support()  # before loading anything
+        check_int8_support(int4=dtype_name == "int4")  # before loading anything
     dtype = {**DTYPES, **QUANTIZED}[dtype_name]
     source = f"checkpoint {checkpoint}" if checkpoint else f"preset {preset or DEFAULT_PRESET}"
     print(f"recursivemas: loading {source} ({dtype_name} on {device})...", file=sys.stderr, flush=True)
@@ -99,7 +100,7 @@ def load_system(
     else:
         system = build_preset(preset or DEFAULT_PRESET, dtype=dtype, device=device, init=init)
     if dtype_name in QUANTIZED:
-        system = quantize_agents(system, cache_dir=int8_cache_dir())
+        system = quantize_agents(system, cache_dir=int8_cache_dir(), int4=dtype_name == "int4")
     system.set_step_config(StepConfig(compile=compile))
     print(f"recursivemas: loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
     tip = compile_tip(device, compile)

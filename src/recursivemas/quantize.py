@@ -112,14 +112,15 @@ def _relative_error(approx: torch.Tensor, weight: torch.Tensor) -> float:
     return float((approx - weight.float()).norm() / weight.float().norm().clamp(min=1e-30))
 
 
-def quantize_layer(weight: torch.Tensor) -> Quantized:
-    """A layer's quantised tensors in the better of two forms: 4-bit groups (``Int4Linear``) where this torch
-    has the int4 kernel, the shape allows it (out a multiple of 16, in of ``INT4_GROUP``) and its error
-    ``||W_q - W|| / ||W||`` on ``INT4_SAMPLE_ROWS`` strided rows is no larger than int8's; else int8 per
-    channel (``Int8Linear``). Weights that were 4-bit at source take int4 (SmolLM2's layers: 0.25% against
-    int8's 1%), others int8 (random or 5/6/8-bit weights: int4 is 4-9 times int8's error)."""
+def quantize_layer(weight: torch.Tensor, int4: bool = False) -> Quantized:
+    """A layer's quantised tensors: int8 per channel (``Int8Linear``), or with ``int4`` the better of two
+    forms: 4-bit groups (``Int4Linear``) where this torch has the int4 kernel, the shape allows it (out a
+    multiple of 16, in of ``INT4_GROUP``) and its error ``||W_q - W|| / ||W||`` on ``INT4_SAMPLE_ROWS``
+    strided rows is no larger than int8's, else int8. Weights that were 4-bit at source take int4
+    (SmolLM2's layers: 0.25% against int8's 1%), others int8 (random or 5/6/8-bit weights: int4 is 4-9
+    times int8's error)."""
     out, inputs = weight.shape
-    if hasattr(torch.ops.aten, INT4_KERNEL) and out % 16 == 0 and inputs % INT4_GROUP == 0:
+    if int4 and has_int4_kernel() and out % 16 == 0 and inputs % INT4_GROUP == 0:
         sample = weight[:: max(1, out // INT4_SAMPLE_ROWS)]  # (<= 2 x INT4_SAMPLE_ROWS, in)
         q8, s8 = quantize_weight(sample)
         int8_error = _relative_error(q8.float() * s8.float()[:, None], sample)
@@ -131,10 +132,12 @@ def quantize_layer(weight: torch.Tensor) -> Quantized:
     return {"qweight": qweight, "scales": scales}
 
 
-def quantized_linear(linear: nn.Linear, quantized: Quantized | None = None) -> LowBitLinear:
-    """``linear`` as an ``Int4Linear`` or ``Int8Linear``: the form ``quantize_layer`` picks, or the one
-    ``quantized`` (its earlier output, from a cache) holds."""
-    quantized = quantize_layer(linear.weight.detach()) if quantized is None else quantized
+def quantized_linear(
+    linear: nn.Linear, quantized: Quantized | None = None, int4: bool = False
+) -> LowBitLinear:
+    """``linear`` as an ``Int4Linear`` or ``Int8Linear``: the form ``quantize_layer(weight, int4)`` picks,
+    or the one ``quantized`` (its earlier output, from a cache) holds."""
+    quantized = quantize_layer(linear.weight.detach(), int4) if quantized is None else quantized
     if "qweight4" in quantized:
         return Int4Linear(linear, quantized["qweight4"], quantized["scales_and_zeros"])
     return Int8Linear(linear, (quantized["qweight"], quantized["scales"]))
@@ -252,25 +255,38 @@ def has_int8_kernel() -> bool:
     return hasattr(torch, INT8_KERNEL)
 
 
-def check_int8_support() -> None:
-    """Raise a ``ConfigError`` saying what to install if this torch lacks the int8 weight-only kernel."""
+def has_int4_kernel() -> bool:
+    """Whether this torch has the CPU int4 kernel ``Int4Linear`` uses (and its packing)."""
+    return hasattr(torch.ops.aten, INT4_KERNEL) and hasattr(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
+    )
+
+
+def check_int8_support(int4: bool = False) -> None:
+    """Raise a ``ConfigError`` saying what to install if this torch lacks the int8 weight-only kernel (or,
+    with ``int4``, the int4 one)."""
     if not has_int8_kernel():
         raise ConfigError(
             f"--dtype int8 needs PyTorch's int8 weight-only kernel (torch.{INT8_KERNEL}, torch >= 2.3); "
             f"this is torch {torch.__version__}: install a newer torch (this project uses torch==2.13.0) "
             "or use --dtype bfloat16 / float32"
         )
+    if int4 and not has_int4_kernel():
+        raise ConfigError(
+            f"--dtype int4 needs PyTorch's CPU int4 kernel (torch.ops.aten.{INT4_KERNEL}, torch >= 2.6); "
+            f"this is torch {torch.__version__}: install a newer torch or use --dtype int8"
+        )
 
 
-def quantize_module(module: nn.Module) -> int:
+def quantize_module(module: nn.Module, int4: bool = False) -> int:
     """Replace every ``nn.Linear`` under ``module`` by its ``quantized_linear`` in place; return how many."""
     count = 0
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
-            setattr(module, name, quantized_linear(child))
+            setattr(module, name, quantized_linear(child, int4=int4))
             count += 1
         else:
-            count += quantize_module(child)
+            count += quantize_module(child, int4)
     return count
 
 
@@ -280,9 +296,9 @@ def int8_cache_dir() -> Path:
     return cache_root() / "int8"
 
 
-def quantize_agents(system: RecursiveMAS, cache_dir: Path | None = None) -> RecursiveMAS:
-    """Quantise every agent's backbone Linear layers and LM head to int8 or int4 weight-only
-    (``quantize_layer``) in place; return ``system``.
+def quantize_agents(system: RecursiveMAS, cache_dir: Path | None = None, int4: bool = False) -> RecursiveMAS:
+    """Quantise every agent's backbone Linear layers and LM head to int8 weight-only in place, with ``int4``
+    to int4 where that is as exact (``quantize_layer``); return ``system``.
 
     The agents must be bfloat16 and on the CPU; a model shared by several agents is quantised once. A head
     tied to the input embeddings keeps sharing its bfloat16 weight with them (``Int8Linear.weight``).
@@ -296,7 +312,7 @@ def quantize_agents(system: RecursiveMAS, cache_dir: Path | None = None) -> Recu
     products within 1%); otherwise it is rewritten.
     Only pass ``cache_dir`` for weights as they were loaded (``load_system`` does).
     """
-    check_int8_support()
+    check_int8_support(int4)
     agents = list(system.agents.values())
     if any(agent.device.type != "cpu" for agent in agents):
         raise ConfigError("--dtype int8 runs on the CPU only; use --device cpu (or bfloat16 on a GPU)")
@@ -308,10 +324,12 @@ def quantize_agents(system: RecursiveMAS, cache_dir: Path | None = None) -> Recu
         if id(agent.model) not in done:
             done.add(id(agent.model))
             linears = _quantized_linears(agent.model, agent.backbone)
-            entry = _cache_entry(agent.model, cache_dir) if cache_dir is not None else None
+            entry = _cache_entry(agent.model, cache_dir, int4) if cache_dir is not None else None
             quantized = _read_cache(*entry, linears) if entry else None
             if quantized is None:
-                quantized = {name: quantize_layer(layer.weight.detach()) for name, layer in linears.items()}
+                quantized = {
+                    name: quantize_layer(layer.weight.detach(), int4) for name, layer in linears.items()
+                }
                 if entry:
                     _write_cache(*entry, quantized)
             for name, linear in linears.items():
@@ -331,19 +349,19 @@ def _quantized_linears(model: nn.Module, backbone: nn.Module) -> dict[str, nn.Li
     return {name: m for name, m in model.named_modules() if id(m) in chosen}
 
 
-def _cache_entry(model: nn.Module, cache_dir: Path) -> tuple[Path, str] | None:
+def _cache_entry(model: nn.Module, cache_dir: Path, int4: bool) -> tuple[Path, str] | None:
     """(cache file, signature) for a model loaded from a local folder whose weight files did not change
     while it loaded (``models.loaded_weight_files``); ``None`` for others (built from a config, a hub id).
-    The file is one per folder, torch version and format; the signature adds the weight files' names, sizes
-    and modification times."""
+    The file is one per folder, torch version, format and ``int4``; the signature adds the weight files'
+    names, sizes and modification times."""
     loaded = loaded_weight_files(model)
     if loaded is None:
         return None
     folder, files = loaded
-    place = [INT8_CACHE_FORMAT, torch.__version__, folder]
+    place = [INT8_CACHE_FORMAT, torch.__version__, folder, "int4" if int4 else "int8"]
     name = hashlib.sha256(json.dumps(place).encode()).hexdigest()[:16]
     signature = hashlib.sha256(json.dumps([*place, files]).encode()).hexdigest()
-    return cache_dir / f"{Path(folder).name}-{name}.safetensors", signature
+    return cache_dir / f"{Path(folder).name}-{place[-1]}-{name}.safetensors", signature
 
 
 def _read_cache(path: Path, signature: str, linears: dict[str, nn.Linear]) -> dict[str, Quantized] | None:
