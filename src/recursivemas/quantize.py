@@ -1,22 +1,24 @@
-"""Low-bit weight-only quantisation of the agents' transformer layers and LM heads (``--dtype int8``, the
-CPU default), for CPUs.
+"""Low-bit weight-only quantisation of the agents' transformer layers and LM heads, for CPUs: ``--dtype
+int8`` (the CPU default) and ``--dtype int4``.
 
 Every ``nn.Linear`` inside an agent's backbone (the attention and MLP projections), and its LM head,
-becomes an ``Int8Linear`` or an ``Int4Linear`` (``quantize_layer`` picks, per layer), which keeps two
-copies of its weight: the bfloat16 weight it was loaded with, and a low-bit one. Up to ``INT8_MAX_ROWS``
-input rows (the one-position latent and decode steps of batches of up to 8, nearly all of a batch-1
-answer's time) are multiplied by the low-bit weight with bfloat16 activations, by PyTorch's own kernels;
-more rows (a prompt pass, a large batch) by the bfloat16 weight, exactly as ``--dtype bfloat16`` computes
-them. The low-bit forms:
+becomes an ``Int8Linear``, or with ``--dtype int4`` an ``Int4Linear`` where that is as exact
+(``quantize_layer`` picks, per layer); either keeps two copies of its weight: the bfloat16 weight it was
+loaded with, and a low-bit one. Up to ``INT8_MAX_ROWS`` input rows (the one-position latent and decode
+steps of batches of up to 8, nearly all of a batch-1 answer's time) are multiplied by the low-bit weight
+with bfloat16 activations, by PyTorch's own kernels; more rows (a prompt pass, a large batch) by the
+bfloat16 weight, exactly as ``--dtype bfloat16`` computes them. The low-bit forms:
 
 * int8, symmetric, one bfloat16 scale per output channel (``torch._weight_int8pack_mm``, the kernel
   gpt-fast uses): about 1% relative error on any weight;
-* int4 in groups of 32 inputs, asymmetric (torch's CPU int4 kernel ``_weight_int4pack_mm_for_cpu``), for
-  layers where its error is no larger than int8's: weights that were 4-bit per group at source, as the
-  bundled SmolLM2 is (Q4_1 GGUF), come back exactly up to bfloat16 scales (0.25% error), at half int8's
-  bytes and 2.6 times its speed. Gemma-3's layers stay int8: its GGUF holds most of them in 5, 6 or 8
-  bits, and its Q4_K ones have fitted group scales that a min-max requantisation does not recover (4.5%
-  error against int8's 1.1%); so do the LM heads (8-bit tied embeddings).
+* int4 in groups of 32 inputs, asymmetric (torch's CPU int4 kernel ``_weight_int4pack_mm_for_cpu``),
+  only with ``--dtype int4`` and for layers where its error is no larger than int8's: weights that were
+  4-bit per group at source, as the bundled SmolLM2 is (Q4_1 GGUF), come back exactly up to bfloat16
+  scales (0.25% error), at half int8's bytes and 2.6 times its speed. Gemma-3's layers stay int8: its
+  GGUF holds most of them in 5, 6 or 8 bits, and its Q4_K ones have fitted group scales that a min-max
+  requantisation does not recover (4.5% error against int8's 1.1%); so do the LM heads (8-bit tied
+  embeddings). Not the default: on the default preset's relay questions it turned 8 right answers wrong
+  against int8's 4 (``benchmarks/results/RESULTS.md``).
 
 The agents are loaded in bfloat16 first, so embeddings and norms are bfloat16; links stay float32, as with
 ``--dtype bfloat16``. Fingerprints are taken before quantising (they are cached), so checkpoints and
