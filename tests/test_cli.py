@@ -203,6 +203,14 @@ def test_models_lists_presets_and_cache_state(capsys):
     assert "cached" in out
 
 
+def test_models_reports_the_quantised_layer_cache(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("RECURSIVEMAS_CACHE", str(tmp_path))
+    (tmp_path / "int8").mkdir()
+    (tmp_path / "int8" / "model-int8-0123.safetensors").write_bytes(b"x" * 2_000_000)
+    assert main(["models"]) == 0
+    assert f"1 file(s), 0.00 GB in {tmp_path / 'int8'}" in capsys.readouterr().out
+
+
 def test_unknown_preset_lists_valid_ones(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["run", "hi", "--preset", "nope"])

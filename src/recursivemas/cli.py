@@ -29,6 +29,7 @@ from recursivemas.loading import AUTO, COMPILE_HELP, DTYPE_CHOICES, DTYPE_HELP, 
 from recursivemas.models.bundled import BUNDLED, cache_problem, ensure_all_cached, model_dir
 from recursivemas.models.tiny import TINY_MODELS
 from recursivemas.presets import DEFAULT_PRESET, PRESETS
+from recursivemas.quantize import int8_cache_dir
 from recursivemas.serve import add_serve_parser, serve_command
 from recursivemas.system import MODES, MASInput, RecursiveMAS
 from recursivemas.trace import RunResult, StageTrace
@@ -457,6 +458,13 @@ def models_command(verify: bool = False, convert: bool = False) -> int:
         if verify and problem is None:
             state += ", every file matches its SHA-256"
         print(f"  {spec.name}: {spec.describe()}\n    {state}; package: {spec.install}")
+    files = sorted(int8_cache_dir().glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in files) / 1e9
+    print(
+        f"\nQuantised layers (--dtype int8, the CPU default, and int4; written by the first such load of a"
+        f" model folder): {len(files)} file(s), {size:.2f} GB in {int8_cache_dir()}; deleting it only"
+        " makes the next load quantise again"
+    )
     print("\nTiny random models (built from config in about a second, for tests):")
     print("  " + ", ".join(f"tiny-random:{name}" for name in TINY_MODELS))
     print(
