@@ -34,7 +34,7 @@ def _with(agent, **step):
 
 def four_bit_weights(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` with every decoder Linear weight rounded to 4-bit groups in place, as a Q4_1 GGUF stores
-    them (SmolLM2's layers): ``--dtype int8`` gives such layers ``Int4Linear``s."""
+    them (SmolLM2's layers): ``--dtype int4`` gives such layers ``Int4Linear``s."""
     with torch.no_grad():
         for m in model.model.modules():
             if isinstance(m, torch.nn.Linear):

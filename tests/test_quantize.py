@@ -19,7 +19,14 @@ from recursivemas.loading import load_system
 from recursivemas.models import loaded_weight_files, weight_files
 from recursivemas.models.tiny import tiny_model
 from recursivemas.presets import build_from_specs
-from recursivemas.quantize import INT8_MAX_ROWS, Int4Linear, Int8Linear, int4_dequantized, quantize_module
+from recursivemas.quantize import (
+    INT8_MAX_ROWS,
+    Int4Linear,
+    Int8Linear,
+    LowBitLinear,
+    int4_dequantized,
+    quantize_module,
+)
 from recursivemas.system import RecursiveMAS
 
 from .test_fast_step import four_bit_weights, teacher_forced_logits
@@ -237,6 +244,11 @@ def _int8_folder_system(folders: dict[str, str], cache: Path, int4: bool = True)
     return quantize.quantize_agents(_bf16_folder_system(folders), cache_dir=cache, int4=int4)
 
 
+def _cache_forms(cache: Path) -> list[str]:
+    """``<folder name>-<form>`` of every cache file (``<folder>-<folder hash>-<form>-<version hash>``)."""
+    return sorted("-".join(f.name.split("-")[0:3:2]) for f in cache.iterdir())
+
+
 def _bf16_folder_system(folders: dict[str, str]) -> RecursiveMAS:
     agents = {"planner": folders["llama"], "critic": folders["gemma3"], "solver": folders["llama"]}
     return build_from_specs(agents, dtype=torch.bfloat16)
@@ -257,7 +269,7 @@ def test_int8_cache_gives_the_weights_quantisation_gives(model_folders, tmp_path
     (tiny-random, built from a config) are quantised every time, with nothing cached."""
     cache = tmp_path / "int8"
     first = _int8_buffers(_int8_folder_system(model_folders, cache))
-    assert sorted(p.name.rsplit("-", 1)[0] for p in cache.iterdir()) == ["gemma3-int4", "llama-int4"]
+    assert _cache_forms(cache) == ["gemma3-int4", "llama-int4"]
     calls = []
     original = quantize.quantize_weight
     with pytest.MonkeyPatch.context() as patch:
@@ -354,6 +366,48 @@ def test_int8_and_int4_caches_are_separate_files(model_folders, tmp_path):
         assert {k.rpartition(".")[2] for k in int8} == {"qweight", "scales"}
     assert {k.rpartition(".")[2] for k in int4} == {"qweight", "scales", "qweight4", "scales_and_zeros"}
     assert len(list(cache.iterdir())) == 4
+
+
+def test_load_system_int4_takes_exact_layers_and_caches_them(model_folders, tmp_path, monkeypatch):
+    """``--dtype int4`` through ``load_system`` (a checkpoint over local model folders): the 4-bit Llama's
+    layers become ``Int4Linear``s, the random Gemma3's stay int8, and each form is cached in its own file."""
+    monkeypatch.setenv("RECURSIVEMAS_CACHE", str(tmp_path / "cache"))
+    _bf16_folder_system(model_folders).save_pretrained(str(tmp_path / "ckpt"))
+    for dtype, forms in (("int4", {Int4Linear, Int8Linear}), ("int8", {Int8Linear})):
+        system = load_system(None, str(tmp_path / "ckpt"), dtype, "cpu")
+        planner = {type(m) for m in system.agents["planner"].model.modules() if isinstance(m, LowBitLinear)}
+        assert planner == forms
+        critic = {type(m) for m in system.agents["critic"].model.modules() if isinstance(m, LowBitLinear)}
+        assert critic == {Int8Linear}
+    assert _cache_forms(tmp_path / "cache" / "int8") == [
+        "gemma3-int4",
+        "gemma3-int8",
+        "llama-int4",
+        "llama-int8",
+    ]
+
+
+def test_a_new_cache_file_replaces_the_folders_files_for_other_torch_versions(model_folders, tmp_path):
+    cache = tmp_path / "int8"
+    _int8_folder_system(model_folders, cache, int4=False)
+    kept = sorted(cache.iterdir())
+    older = [cache / kept[0].name.replace(kept[0].name.rsplit("-", 1)[1], "0123456789ab.safetensors")]
+    unrelated = cache / "llama-ffffffffffff-int8-0123456789ab.safetensors"  # another folder named llama
+    for f in (*older, unrelated):
+        f.write_bytes(b"old")
+    for f in kept:
+        f.unlink()
+    _int8_folder_system(model_folders, cache, int4=False)
+    assert sorted(cache.iterdir()) == sorted([*kept, unrelated])
+
+
+def test_quantised_dtypes_on_a_gpu_are_refused_before_loading(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(quantize, "quantize_agents", lambda *a, **k: pytest.fail("loaded"))
+    for dtype in ("int8", "int4"):
+        with pytest.raises(ConfigError, match=f"--dtype {dtype} runs on the CPU only"):
+            load_system("tiny-random", None, dtype, "cuda")
 
 
 def test_unwritable_int8_cache_still_loads(model_folders, tmp_path, capsys):

@@ -89,8 +89,12 @@ def load_system(
         raise ConfigError("--init applies to presets; a checkpoint brings its own links")
     device = resolve_device(device)
     dtype_name = resolve_dtype(dtype_name, device)
-    if dtype_name in QUANTIZED:
-        check_int8_support(int4=dtype_name == "int4")  # before loading anything
+    if dtype_name in QUANTIZED:  # checked before loading anything
+        if torch.device(device).type != "cpu":
+            raise ConfigError(
+                f"--dtype {dtype_name} runs on the CPU only; use --device cpu (or bfloat16 on a GPU)"
+            )
+        check_int8_support(int4=dtype_name == "int4")
     dtype = {**DTYPES, **QUANTIZED}[dtype_name]
     source = f"checkpoint {checkpoint}" if checkpoint else f"preset {preset or DEFAULT_PRESET}"
     print(f"recursivemas: loading {source} ({dtype_name} on {device})...", file=sys.stderr, flush=True)

@@ -36,6 +36,7 @@ breaks the default preset's answers.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import random
@@ -316,10 +317,11 @@ def quantize_agents(system: RecursiveMAS, cache_dir: Path | None = None, int4: b
     """
     check_int8_support(int4)
     agents = list(system.agents.values())
+    name = "int4" if int4 else "int8"
     if any(agent.device.type != "cpu" for agent in agents):
-        raise ConfigError("--dtype int8 runs on the CPU only; use --device cpu (or bfloat16 on a GPU)")
+        raise ConfigError(f"--dtype {name} runs on the CPU only; use --device cpu (or bfloat16 on a GPU)")
     if any(agent.dtype != torch.bfloat16 for agent in agents):
-        raise ConfigError("--dtype int8 quantises bfloat16 agents; load them with dtype bfloat16 first")
+        raise ConfigError(f"--dtype {name} quantises bfloat16 agents; load them with dtype bfloat16 first")
     done: set[int] = set()
     for agent in agents:
         agent.fingerprint()  # cached before the weights change
@@ -354,16 +356,21 @@ def _quantized_linears(model: nn.Module, backbone: nn.Module) -> dict[str, nn.Li
 def _cache_entry(model: nn.Module, cache_dir: Path, int4: bool) -> tuple[Path, str] | None:
     """(cache file, signature) for a model loaded from a local folder whose weight files did not change
     while it loaded (``models.loaded_weight_files``); ``None`` for others (built from a config, a hub id).
-    The file is one per folder, torch version, format and ``int4``; the signature adds the weight files'
-    names, sizes and modification times."""
+    The file is one per folder and form (int8 / int4) for this torch version and cache format,
+    ``<folder name>-<folder hash>-<form>-<torch and format hash>.safetensors``; the signature adds the
+    weight files' names, sizes and modification times."""
     loaded = loaded_weight_files(model)
     if loaded is None:
         return None
     folder, files = loaded
-    place = [INT8_CACHE_FORMAT, torch.__version__, folder, "int4" if int4 else "int8"]
-    name = hashlib.sha256(json.dumps(place).encode()).hexdigest()[:16]
-    signature = hashlib.sha256(json.dumps([*place, files]).encode()).hexdigest()
-    return cache_dir / f"{Path(folder).name}-{place[-1]}-{name}.safetensors", signature
+    form, version = "int4" if int4 else "int8", [INT8_CACHE_FORMAT, torch.__version__]
+    signature = hashlib.sha256(json.dumps([*version, folder, form, files]).encode()).hexdigest()
+    stem = f"{Path(folder).name}-{_short_hash(folder)}-{form}"
+    return cache_dir / f"{stem}-{_short_hash(json.dumps(version))}.safetensors", signature
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _read_cache(path: Path, signature: str, linears: dict[str, nn.Linear]) -> dict[str, Quantized] | None:
@@ -431,12 +438,17 @@ def _layer_problem(weight: torch.Tensor, parts: Quantized) -> str | None:
 
 
 def _write_cache(path: Path, signature: str, quantized: dict[str, Quantized]) -> None:
-    """Save ``quantized`` to ``path`` atomically; a failed write (full disk, read-only cache) only costs the
-    next load its quantisation, so it is reported on stderr, not raised."""
+    """Save ``quantized`` to ``path`` atomically, and remove the files of the same folder and form written
+    for another torch or cache format; a failed write (full disk, read-only cache) only costs the next load
+    its quantisation, so it is reported on stderr, not raised."""
     tensors = {f"{name}.{part}": t for name, parts in quantized.items() for part, t in parts.items()}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"signature": signature}))
+        # the same folder and form for another torch or cache format: never read again by this install
+        for older in path.parent.glob(f"{glob.escape(path.name.rsplit('-', 1)[0])}-*.safetensors"):
+            if older != path:
+                older.unlink(missing_ok=True)
     except WRITE_ERRORS as err:
         message = f"recursivemas: could not cache quantised weights in {path} ({err})"
         print(message, file=sys.stderr, flush=True)
