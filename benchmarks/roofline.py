@@ -51,7 +51,7 @@ from recursivemas.cache import cache_kwargs, cache_length, new_cache
 from recursivemas.fast_step import FastSteps
 from recursivemas.links import InnerLink, LinkConfig
 from recursivemas.models.bundled import BUNDLED
-from recursivemas.quantize import LowBitLinear, quantize_module, quantized_linear
+from recursivemas.quantize import LowBitLinear, quantize_model
 
 RESULTS = Path(__file__).parent / "results"
 GiB = 2**30
@@ -176,9 +176,8 @@ def measure(spec: str, args: argparse.Namespace, gbps: float) -> list[dict]:
     agent = Agent.from_pretrained(
         spec, "agent", dtype=torch.bfloat16 if low_bit else getattr(torch, args.dtype)
     )
-    if low_bit:  # as quantize.quantize_agents does
-        quantize_module(agent.backbone, int4)
-        agent.model.set_output_embeddings(quantized_linear(agent.model.get_output_embeddings(), int4=int4))
+    if low_bit:
+        quantize_model(agent.model, agent.backbone, int4=int4)
     d, elem = agent.hidden_size, agent.dtype.itemsize
     link = InnerLink(LinkConfig("agent", "inner", d, d, residual_proj=True, rescale_norm=1.0))
     emb, head = agent.model.get_input_embeddings(), agent.model.get_output_embeddings()

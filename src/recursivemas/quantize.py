@@ -57,7 +57,7 @@ from recursivemas.models.bundled import cache_root
 from recursivemas.system import RecursiveMAS
 
 INT8_KERNEL = "_weight_int8pack_mm"
-INT4_KERNEL = "_weight_int4pack_mm_for_cpu"
+INT4_KERNEL, INT4_PACK = "_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu"
 INT4_GROUP = 32
 """Input channels per 4-bit group: GGUF's Q4_0/Q4_1/Q4_K blocks (SmolLM2's layers are Q4_1 at source)."""
 INT4_SAMPLE_ROWS = 256
@@ -129,8 +129,8 @@ def quantize_layer(weight: torch.Tensor, int4: bool = False) -> Quantized:
         int8_error = _relative_error(q8.float() * s8.float()[:, None], sample)
         if _relative_error(int4_dequantized(*quantize_weight_int4(sample)), sample) <= int8_error:
             codes, scales_and_zeros = quantize_weight_int4(weight)
-            pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
-            return {"qweight4": pack(codes, 1), "scales_and_zeros": scales_and_zeros}
+            packed = getattr(torch.ops.aten, INT4_PACK)(codes, 1)  # (out, in / 2) uint8
+            return {"qweight4": packed, "scales_and_zeros": scales_and_zeros}
     qweight, scales = quantize_weight(weight)
     return {"qweight": qweight, "scales": scales}
 
@@ -259,10 +259,8 @@ def has_int8_kernel() -> bool:
 
 
 def has_int4_kernel() -> bool:
-    """Whether this torch has the CPU int4 kernel ``Int4Linear`` uses (and its packing)."""
-    return hasattr(torch.ops.aten, INT4_KERNEL) and hasattr(
-        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
-    )
+    """Whether this torch has the CPU int4 kernel ``Int4Linear`` uses, and its packing."""
+    return all(hasattr(torch.ops.aten, op) for op in (INT4_KERNEL, INT4_PACK))
 
 
 def check_int8_support(int4: bool = False) -> None:
@@ -317,31 +315,40 @@ def quantize_agents(system: RecursiveMAS, cache_dir: Path | None = None, int4: b
     """
     check_int8_support(int4)
     agents = list(system.agents.values())
-    name = "int4" if int4 else "int8"
+    dtype_name = "int4" if int4 else "int8"
     if any(agent.device.type != "cpu" for agent in agents):
-        raise ConfigError(f"--dtype {name} runs on the CPU only; use --device cpu (or bfloat16 on a GPU)")
+        raise ConfigError(
+            f"--dtype {dtype_name} runs on the CPU only; use --device cpu (or bfloat16 on a GPU)"
+        )
     if any(agent.dtype != torch.bfloat16 for agent in agents):
-        raise ConfigError(f"--dtype {name} quantises bfloat16 agents; load them with dtype bfloat16 first")
+        raise ConfigError(
+            f"--dtype {dtype_name} quantises bfloat16 agents; load them with dtype bfloat16 first"
+        )
     done: set[int] = set()
     for agent in agents:
         agent.fingerprint()  # cached before the weights change
         if id(agent.model) not in done:
             done.add(id(agent.model))
-            linears = _quantized_linears(agent.model, agent.backbone)
-            entry = _cache_entry(agent.model, cache_dir, int4) if cache_dir is not None else None
-            quantized = _read_cache(*entry, linears) if entry else None
-            if quantized is None:
-                quantized = {
-                    name: quantize_layer(layer.weight.detach(), int4) for name, layer in linears.items()
-                }
-                if entry:
-                    _write_cache(*entry, quantized)
-            for name, linear in linears.items():
-                parent, _, attribute = name.rpartition(".")
-                setattr(
-                    agent.model.get_submodule(parent), attribute, quantized_linear(linear, quantized[name])
-                )
+            quantize_model(agent.model, agent.backbone, cache_dir, int4)
     return system
+
+
+def quantize_model(
+    model: nn.Module, backbone: nn.Module, cache_dir: Path | None = None, int4: bool = False
+) -> None:
+    """Replace ``model``'s backbone Linear layers and LM head by their ``quantized_linear`` in place, reading
+    and writing ``cache_dir`` as ``quantize_agents`` describes; ``backbone`` is ``model``'s decoder
+    (``Agent.backbone``)."""
+    linears = _quantized_linears(model, backbone)
+    entry = _cache_entry(model, cache_dir, int4) if cache_dir is not None else None
+    quantized = _read_cache(*entry, linears) if entry else None
+    if quantized is None:
+        quantized = {name: quantize_layer(layer.weight.detach(), int4) for name, layer in linears.items()}
+        if entry:
+            _write_cache(*entry, quantized)
+    for name, linear in linears.items():
+        parent, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent), attribute, quantized_linear(linear, quantized[name]))
 
 
 def _quantized_linears(model: nn.Module, backbone: nn.Module) -> dict[str, nn.Linear]:
