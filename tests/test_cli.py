@@ -275,7 +275,7 @@ def test_cpu_default_is_int8_and_float32_stays_available(monkeypatch, tmp_path, 
     full-precision agents."""
     system = loaded_by(monkeypatch, *command_line(command, tmp_path), *flag)
     for agent in system.agents.values():
-        assert agent.dtype == (torch.bfloat16 if int8 else torch.float32)
+        assert agent.dtype == (quantize.low_bit_agent_dtype() if int8 else torch.float32)
         assert any(isinstance(m, Int8Linear) for m in agent.model.modules()) == int8
 
 
@@ -311,7 +311,7 @@ def test_dtype_int8_loads_int8_agents(monkeypatch, tmp_path, command):
     """``--dtype int8`` gives int8 weight-only backbones in every command, ``serve`` included."""
     system = loaded_by(monkeypatch, *command_line(command, tmp_path), "--dtype", "int8")
     for agent in system.agents.values():
-        assert agent.dtype == torch.bfloat16
+        assert agent.dtype == quantize.low_bit_agent_dtype()
         assert any(isinstance(m, Int8Linear) for m in agent.backbone.modules())
 
 

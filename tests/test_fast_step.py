@@ -215,22 +215,23 @@ def test_hooks_turn_the_fast_path_off():
     [
         (arch, form)
         for arch in ARCHS
-        for form in ("bfloat16", "int8", "int4")
-        if (arch, form) != ("qwen3", "int4")
+        for form in ("bfloat16", "int8", "int4", "int8-float32", "int4-float32")
+        if (arch, form.split("-")[0]) != ("qwen3", "int4")
     ],
 )
 def test_low_precision_steps_follow_transformers(arch, form):
-    """bfloat16, int8 and int4 (``Int8Linear`` / ``Int4Linear.step_op``) decode steps, teacher-forced:
-    FastSteps rotates and softcaps in float32 where transformers rounds to bfloat16, so they agree to about
-    1% of the logits' scale (measured: 0.7-1.2%); a real error (a dropped bias, a wrong rotary table) shows
-    at 15% and more."""
-    model, tok = tiny_model(arch, torch.bfloat16)
-    if form == "int4":
+    """bfloat16, int8 and int4 (``Int8Linear`` / ``Int4Linear.step_op``) decode steps, over bfloat16 agents
+    or (``-float32``, as on AVX2-only CPUs) float32 ones, teacher-forced: FastSteps rotates and softcaps in
+    float32 where transformers rounds to bfloat16, so they agree to about 1% of the logits' scale (measured:
+    0.7-1.2%); a real error (a dropped bias, a wrong rotary table) shows at 15% and more."""
+    low_bit, _, agents_dtype = form.partition("-")
+    model, tok = tiny_model(arch, torch.float32 if agents_dtype else torch.bfloat16)
+    if low_bit == "int4":
         four_bit_weights(model)
-    if form != "bfloat16":
-        quantize_module(model, int4=form == "int4")
+    if low_bit != "bfloat16":
+        quantize_module(model, int4=low_bit == "int4")
         kinds = {type(m) for m in model.model.modules() if isinstance(m, LowBitLinear)}
-        assert kinds == {Int4Linear if form == "int4" else Int8Linear}
+        assert kinds == {Int4Linear if low_bit == "int4" else Int8Linear}
     agent = Agent(name="a", model=model, tokenizer=tok, template=ROLE_TEMPLATES["solver"])
     batch = _batch(agent, QUESTIONS[:3])
     ids = torch.randint(3, len(tok), (3, 12), generator=torch.Generator().manual_seed(0))

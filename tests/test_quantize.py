@@ -34,9 +34,16 @@ from .test_fast_step import four_bit_weights, teacher_forced_logits
 QUESTIONS = ["What is 12 plus 30?", "If x + 7 = 19, what is x?"]
 
 
-@pytest.fixture(scope="module")
-def int8_system():
-    return load_system("tiny-random", None, "int8", "cpu")
+AGENT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@pytest.fixture(scope="module", params=sorted(AGENT_DTYPES))
+def int8_system(request):
+    """``load_system(..., "int8")`` over bfloat16 agents (CPUs with bfloat16 units) and over float32 agents
+    (AVX2-only CPUs), whichever this machine has."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quantize, "native_bfloat16", lambda: request.param == "bfloat16")
+        return load_system("tiny-random", None, "int8", "cpu")
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -48,20 +55,41 @@ def test_int8_linear_is_close_to_the_linear_on_both_paths(rows):
     linear = nn.Linear(96, 80, bias=True)
     x = torch.randn(rows, 3, 96) if rows > INT8_MAX_ROWS else torch.randn(rows, 96)
     out = Int8Linear(linear)(x)
-    assert out.dtype == torch.bfloat16 and out.shape == (*x.shape[:-1], 80)
+    assert out.dtype == torch.float32 and out.shape == (*x.shape[:-1], 80)  # a float32 layer stays float32
     assert _relative_error(out, linear(x)) < 0.02
     assert _relative_error(Int8Linear(linear).dequantized(), linear.weight) < 0.01
 
 
-def test_int8_linear_multiplies_many_rows_by_its_bfloat16_weight_exactly():
-    """Prompt passes (more than ``INT8_MAX_ROWS`` rows) compute as ``--dtype bfloat16`` does, with the weight
-    the layer was loaded with (shared, not copied); only short inputs take the int8 kernel."""
-    linear = nn.Linear(96, 80, bias=True).to(torch.bfloat16)
+@pytest.mark.parametrize("dtype", sorted(AGENT_DTYPES))
+def test_int8_linear_multiplies_many_rows_by_its_own_weight_exactly(dtype):
+    """Prompt passes (more than ``INT8_MAX_ROWS`` rows) compute as ``--dtype bfloat16`` (or float32) does,
+    with the weight the layer was loaded with (shared, not copied); only short inputs take the int8 kernel,
+    in bfloat16, returning the layer's dtype."""
+    linear = nn.Linear(96, 80, bias=True).to(AGENT_DTYPES[dtype])
     layer = Int8Linear(linear)
     assert layer.weight.data_ptr() == linear.weight.data_ptr()
-    x = torch.randn(INT8_MAX_ROWS + 1, 96, dtype=torch.bfloat16)
+    x = torch.randn(INT8_MAX_ROWS + 1, 96, dtype=AGENT_DTYPES[dtype])
     assert torch.equal(layer(x), linear(x))
-    assert not torch.equal(layer(x[:1]), linear(x[:1]))  # the int8 path rounds the weight
+    short = layer(x[:1])
+    assert short.dtype == AGENT_DTYPES[dtype]
+    assert not torch.equal(short, linear(x[:1]))  # the int8 path rounds the weight
+    expected = x[:1].bfloat16().float() @ layer.dequantized().t() + linear.bias.float()
+    assert _relative_error(short, expected) < 0.01  # bfloat16 inputs and output, int8 weight
+
+
+def test_low_bit_agents_are_bfloat16_only_where_the_cpu_multiplies_it(monkeypatch):
+    """``load_system`` loads int8 / int4 agents in bfloat16 on CPUs with bfloat16 units, float32 on others
+    (AVX2 only: bfloat16 prompt passes there cost more than the int8 steps save)."""
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(quantize, "native_bfloat16", lambda native=native: native)
+        assert quantize.low_bit_agent_dtype() == dtype
+        for agent in load_system("tiny-random", None, "int8", "cpu").agents.values():
+            assert agent.dtype == dtype
+            assert {m.weight.dtype for m in agent.model.modules() if isinstance(m, LowBitLinear)} == {dtype}
+    monkeypatch.undo()
+    assert quantize.native_bfloat16() == (
+        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    )
 
 
 def test_quantize_module_replaces_every_linear():
@@ -72,27 +100,30 @@ def test_quantize_module_replaces_every_linear():
 
 def test_int8_system_quantises_backbones_and_keeps_links_float32(int8_system):
     reference = load_system("tiny-random", None, "float32", "cpu")
+    dtypes = {agent.dtype for agent in int8_system.agents.values()}
+    assert len(dtypes) == 1 and dtypes <= set(AGENT_DTYPES.values())
     for name, agent in int8_system.agents.items():
-        assert agent.dtype == torch.bfloat16
         assert not any(isinstance(m, nn.Linear) for m in agent.backbone.modules())
         assert any(isinstance(m, Int8Linear) for m in agent.backbone.modules())
         head = agent.model.get_output_embeddings()
-        assert isinstance(head, Int8Linear) and head.weight.dtype == torch.bfloat16
-        if agent.model.config.get_text_config().tie_word_embeddings:  # still one bfloat16 table
+        assert isinstance(head, Int8Linear) and head.weight.dtype == agent.dtype
+        if agent.model.config.get_text_config().tie_word_embeddings:  # still one table
             assert head.weight.data_ptr() == agent.model.get_input_embeddings().weight.data_ptr()
         assert agent.fingerprint() == reference.agents[name].fingerprint()
     assert {p.dtype for p in int8_system.links.parameters()} == {torch.float32}
 
 
-def test_int8_steps_follow_bfloat16(int8_system):
-    """Int8 weights change the tiny models' one-position step logits by about 2% of their scale against
-    bfloat16 (measured: 2.0-2.5%; a wrong scale or layout shows at 50% and more), teacher-forced on the
-    same tokens so that near-tied greedy choices of random tiny models cannot make the inputs part."""
-    bf16 = load_system("tiny-random", None, "bfloat16", "cpu")
+def test_int8_steps_follow_their_agents_dtype(int8_system):
+    """Int8 weights change the tiny models' one-position step logits by about 2% of their scale against the
+    agents' own dtype (measured: 2.0-2.5% against bfloat16, 1.6-1.9% against float32; a wrong scale or
+    layout shows at 50% and more), teacher-forced on the same tokens so that near-tied greedy choices of
+    random tiny models cannot make the inputs part."""
+    dtype = next(iter(int8_system.agents.values())).dtype
+    reference = load_system("tiny-random", None, str(dtype).removeprefix("torch."), "cpu")
     ids = torch.randint(3, 200, (len(QUESTIONS), 8), generator=torch.Generator().manual_seed(0))
     for name, agent in int8_system.agents.items():
         logits = []
-        for a in (agent, bf16.agents[name]):
+        for a in (agent, reference.agents[name]):
             batch = a.encode([a.fill(a.render(q, None, set()), {}) for q in QUESTIONS])
             logits.append(teacher_forced_logits(a, batch, ids)[0][:, 1:])  # the steps: (B, 8, V)
         ours, theirs = logits
@@ -108,9 +139,11 @@ def test_missing_kernel_is_a_clear_error(monkeypatch):
         load_system("tiny-random", None, "int8", "cpu")
 
 
-def test_int8_needs_bfloat16_agents_on_the_cpu():
-    with pytest.raises(ConfigError, match="bfloat16 agents"):
-        quantize.quantize_agents(load_system("tiny-random", None, "float32", "cpu"))
+def test_int8_needs_bfloat16_or_float32_agents_on_the_cpu():
+    with pytest.raises(ConfigError, match="bfloat16 or float32 agents"):
+        quantize.quantize_agents(load_system("tiny-random", None, "float16", "cpu"))
+    with pytest.raises(ConfigError, match="bfloat16 or float32 Linear layers, not torch.float16"):
+        Int8Linear(nn.Linear(8, 8).half())
     with pytest.raises(ConfigError, match="unknown --dtype"):
         load_system("tiny-random", None, "int2", "cpu")
 
@@ -133,7 +166,7 @@ def test_lm_head_reads_row_major_inputs(batch):
 @pytest.mark.parametrize("batch", [1, 2, INT8_MAX_ROWS + 1])
 def test_int8_head_gives_strided_last_positions_the_contiguous_result(int8_system, batch):
     head = next(iter(int8_system.agents.values())).model.get_output_embeddings()
-    x = torch.randn(batch, 5, head.in_features, dtype=torch.bfloat16)[:, -1:]
+    x = torch.randn(batch, 5, head.in_features, dtype=head.weight.dtype)[:, -1:]
     assert torch.equal(head(x), head(x.contiguous()))
 
 
@@ -249,9 +282,9 @@ def _cache_forms(cache: Path) -> list[str]:
     return sorted("-".join(f.name.split("-")[0:3:2]) for f in cache.iterdir())
 
 
-def _bf16_folder_system(folders: dict[str, str]) -> RecursiveMAS:
+def _bf16_folder_system(folders: dict[str, str], dtype: torch.dtype = torch.bfloat16) -> RecursiveMAS:
     agents = {"planner": folders["llama"], "critic": folders["gemma3"], "solver": folders["llama"]}
-    return build_from_specs(agents, dtype=torch.bfloat16)
+    return build_from_specs(agents, dtype=dtype)
 
 
 def _int8_buffers(system: RecursiveMAS) -> dict[str, torch.Tensor]:
@@ -368,10 +401,29 @@ def test_int8_and_int4_caches_are_separate_files(model_folders, tmp_path):
     assert len(list(cache.iterdir())) == 4
 
 
+def test_float32_agents_cache_apart_from_bfloat16_ones(model_folders, tmp_path):
+    """Float32 agents (AVX2-only CPUs) quantise their float32 weights, which can round to other codes than
+    the same weights in bfloat16: their files are their own, and writing one keeps the other's."""
+    cache = tmp_path / "int8"
+    bf16 = _int8_buffers(_int8_folder_system(model_folders, cache, int4=False))
+    for _ in range(2):  # quantised, then from its own cache
+        system = quantize.quantize_agents(
+            _bf16_folder_system(model_folders, torch.float32), cache_dir=cache, int4=False
+        )
+        fp32 = _int8_buffers(system)
+        assert {agent.dtype for agent in system.agents.values()} == {torch.float32}
+    assert fp32.keys() == bf16.keys()
+    assert any(not torch.equal(fp32[k], bf16[k]) for k in fp32)
+    assert _cache_forms(cache) == ["gemma3-int8", "gemma3-int8_float32", "llama-int8", "llama-int8_float32"]
+    assert _int8_buffers(_int8_folder_system(model_folders, cache, int4=False)).keys() == bf16.keys()
+    assert len(list(cache.iterdir())) == 4
+
+
 def test_load_system_int4_takes_exact_layers_and_caches_them(model_folders, tmp_path, monkeypatch):
     """``--dtype int4`` through ``load_system`` (a checkpoint over local model folders): the 4-bit Llama's
     layers become ``Int4Linear``s, the random Gemma3's stay int8, and each form is cached in its own file."""
     monkeypatch.setenv("RECURSIVEMAS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(quantize, "native_bfloat16", lambda: True)  # bfloat16 agents, the forms' plain names
     _bf16_folder_system(model_folders).save_pretrained(str(tmp_path / "ckpt"))
     for dtype, forms in (("int4", {Int4Linear, Int8Linear}), ("int8", {Int8Linear})):
         system = load_system(None, str(tmp_path / "ckpt"), dtype, "cpu")

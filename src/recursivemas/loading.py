@@ -10,19 +10,27 @@ import torch
 from recursivemas.agent import StepConfig
 from recursivemas.errors import ConfigError
 from recursivemas.presets import DEFAULT_PRESET, build_preset
-from recursivemas.quantize import check_int8_support, has_int8_kernel, int8_cache_dir, quantize_agents
+from recursivemas.quantize import (
+    check_int8_support,
+    has_int8_kernel,
+    int8_cache_dir,
+    low_bit_agent_dtype,
+    quantize_agents,
+)
 from recursivemas.system import RecursiveMAS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-QUANTIZED = {"int8": torch.bfloat16, "int4": torch.bfloat16}
-"""Quantised ``--dtype`` names -> the dtype agents load in before their Linear layers are quantised."""
+QUANTIZED = ("int4", "int8")
+"""Quantised ``--dtype`` names: agents load in ``quantize.low_bit_agent_dtype()`` (bfloat16 or float32,
+by the CPU), then their Linear layers are quantised."""
 AUTO = "auto"
 """The default ``--dtype``: int8 on the CPU (``resolve_dtype``), float32 elsewhere."""
 DTYPE_CHOICES = [AUTO, *sorted([*DTYPES, *QUANTIZED])]
 """Every ``--dtype`` value ``load_system`` takes."""
 DTYPE_HELP = (
     "agent weights (default auto: int8 on the CPU, float32 on other devices); int8: int8 weight-only "
-    "one-position steps, bfloat16 prompt passes and the rest (CPU only); int4: as int8, with 4-bit layers "
+    "one-position steps, prompt passes and the rest in bfloat16 on CPUs with bfloat16 units, else float32 "
+    "(CPU only); int4: as int8, with 4-bit layers "
     "where the weights are 4-bit at source (faster; see the README); links always compute in float32"
 )
 """The ``--dtype`` help of every command that loads a system."""
@@ -95,7 +103,7 @@ def load_system(
                 f"--dtype {dtype_name} runs on the CPU only; use --device cpu (or bfloat16 on a GPU)"
             )
         check_int8_support(int4=dtype_name == "int4")
-    dtype = {**DTYPES, **QUANTIZED}[dtype_name]
+    dtype = low_bit_agent_dtype() if dtype_name in QUANTIZED else DTYPES[dtype_name]
     source = f"checkpoint {checkpoint}" if checkpoint else f"preset {preset or DEFAULT_PRESET}"
     print(f"recursivemas: loading {source} ({dtype_name} on {device})...", file=sys.stderr, flush=True)
     start = time.perf_counter()

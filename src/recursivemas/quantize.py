@@ -3,11 +3,12 @@ int8`` (the CPU default) and ``--dtype int4``.
 
 Every ``nn.Linear`` inside an agent's backbone (the attention and MLP projections), and its LM head,
 becomes an ``Int8Linear``, or with ``--dtype int4`` an ``Int4Linear`` where that is as exact
-(``quantize_layer`` picks, per layer); either keeps two copies of its weight: the bfloat16 weight it was
-loaded with, and a low-bit one. Up to ``INT8_MAX_ROWS`` input rows (the one-position latent and decode
-steps of batches of up to 8, nearly all of a batch-1 answer's time) are multiplied by the low-bit weight
-with bfloat16 activations, by PyTorch's own kernels; more rows (a prompt pass, a large batch) by the
-bfloat16 weight, exactly as ``--dtype bfloat16`` computes them. The low-bit forms:
+(``quantize_layer`` picks, per layer); either keeps two copies of its weight: the one it was loaded with
+(bfloat16 or float32, see below), and a low-bit one. Up to ``INT8_MAX_ROWS`` input rows (the one-position
+latent and decode steps of batches of up to 8, nearly all of a batch-1 answer's time) are multiplied by
+the low-bit weight with bfloat16 activations, by PyTorch's own kernels; more rows (a prompt pass, a large
+batch) by the loaded weight, exactly as ``--dtype bfloat16`` (or float32) computes them. The low-bit
+forms:
 
 * int8, symmetric, one bfloat16 scale per output channel (``torch._weight_int8pack_mm``, the kernel
   gpt-fast uses): about 1% relative error on any weight;
@@ -20,12 +21,15 @@ bfloat16 weight, exactly as ``--dtype bfloat16`` computes them. The low-bit form
   embeddings). Not the default: on the default preset's relay questions it turned 8 right answers wrong
   against int8's 4 (``benchmarks/results/RESULTS.md``).
 
-The agents are loaded in bfloat16 first, so embeddings and norms are bfloat16; links stay float32, as with
-``--dtype bfloat16``. Fingerprints are taken before quantising (they are cached), so checkpoints and
+``load_system`` loads the agents in ``low_bit_agent_dtype()`` first: bfloat16 on CPUs that multiply it in
+hardware (AVX512-BF16, AMX), float32 on the others (AVX2 only), where bfloat16 prompt passes cost more
+than the int8 steps save. Embeddings, norms and attention compute in that dtype; links stay float32.
+Fingerprints are taken before quantising (they are cached), so checkpoints and
 shipped links still match. ``quantize_agents`` can cache the quantised layers per model folder, so that
 quantisation runs once per machine.
 
-Keeping the bfloat16 weight costs memory (3 bytes per weight against float32's 4 for int8) and saves time:
+Keeping the loaded weight costs memory (bfloat16: 3 bytes per weight against float32's 4 for int8; float32:
+5) and saves time:
 the first version multiplied prompt passes by a weight dequantised on every call, 1.1 s of a 6.3 s batch-1
 answer of the default preset (``benchmarks/results/RESULTS.md``, dtype and quantisation).
 
@@ -66,9 +70,13 @@ INT8_CACHE_FORMAT = 2
 """Version of the quantised layers' form in cache files (2: int4 layers); files of another version, or
 written by another torch (the int4 packing is torch's), are rewritten."""
 INT8_MAX_ROWS = 8
-"""Inputs with more rows (a prompt pass, a large batch) multiply by the bfloat16 weight instead:
-the int8 kernel is a matrix-vector loop whose time grows with the rows, bfloat16 GEMMs use AMX/AVX512-BF16
-(measured on these CPUs: int8 wins up to 8 rows, bfloat16 from 16)."""
+"""Inputs with more rows (a prompt pass, a large batch) multiply by the loaded weight instead: the int8
+kernel is a matrix-vector loop whose time grows with the rows, bfloat16 GEMMs use AMX/AVX512-BF16
+(measured on CPUs with them: int8 wins up to 8 rows, bfloat16 from 16)."""
+
+LOW_BIT_AGENT_DTYPES = (torch.bfloat16, torch.float32)
+"""Dtypes of the agents ``quantize_agents`` takes: their embeddings, norms, attention and prompt passes
+(more than ``INT8_MAX_ROWS`` rows) compute in it; ``low_bit_agent_dtype`` picks one for this CPU."""
 
 Quantized = dict[str, torch.Tensor]
 """One layer's quantised tensors: ``qweight`` and ``scales`` (int8) or ``qweight4`` and
@@ -147,35 +155,40 @@ def quantized_linear(
 
 
 class LowBitLinear(nn.Module):
-    """A frozen ``nn.Linear`` computing in bfloat16: low-bit weights (``_product``) for up to
-    ``INT8_MAX_ROWS`` rows, its bfloat16 weight (the one it was loaded with, shared) for more."""
+    """A frozen ``nn.Linear`` computing in its weight's dtype (``LOW_BIT_AGENT_DTYPES``): low-bit weights
+    (``_product``) for up to ``INT8_MAX_ROWS`` rows, its own weight (the one it was loaded with, shared)
+    for more. The low-bit kernels take bfloat16 inputs; a float32 layer casts its input to bfloat16 for them
+    and their output back."""
 
     form = ""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
-        self.register_buffer("weight", weight.to(torch.bfloat16))  # (out, in), shared if already bfloat16
-        bias = linear.bias.detach().to(torch.bfloat16) if linear.bias is not None else None
-        self.register_buffer("bias", bias)
+        if weight.dtype not in LOW_BIT_AGENT_DTYPES:
+            raise ConfigError(f"low-bit layers wrap bfloat16 or float32 Linear layers, not {weight.dtype}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", weight)  # (out, in), shared
+        self.register_buffer("bias", linear.bias.detach() if linear.bias is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., in) -> (..., out), computed in bfloat16 whatever ``x``'s dtype."""
+        """(..., in) -> (..., out), computed in the weight's dtype whatever ``x``'s."""
         # (rows, in), row-major: a strided last-position slice (the LM head's input) would make F.linear
         # expand the weight (see ``agent._row_major_head_inputs``)
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        flat = x.reshape(-1, self.in_features).to(self.weight.dtype).contiguous()
         return self.step_op(flat.shape[0])(flat).reshape(*x.shape[:-1], self.out_features)
 
     def step_op(self, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The product for row-major (``rows``, in) bfloat16 inputs as a plain function, its kernel chosen
-        by ``rows``: what ``forward`` runs after its reshape and cast, and what ``fast_step.FastSteps``
-        calls directly (7 times a layer, 210 times a SmolLM2 step, where the checks and casts of
-        ``forward`` were a quarter of an int8 step's time)."""
+        """The product for row-major (``rows``, in) inputs of the weight's dtype as a plain function, its
+        kernel chosen by ``rows``: what ``forward`` runs after its reshape and cast, and what
+        ``fast_step.FastSteps`` calls directly (7 times a layer, 210 times a SmolLM2 step, where the checks
+        and casts of ``forward`` were a quarter of an int8 step's time)."""
         weight, bias = self.weight, self.bias
         if rows > INT8_MAX_ROWS:
             return lambda x: F.linear(x, weight, bias)
-        product = self._product()
+        product = self._product()  # bfloat16 in and out
+        if weight.dtype != torch.bfloat16:
+            product = _through_bfloat16(product, weight.dtype)
         if bias is None:
             return product
         return lambda x: product(x) + bias
@@ -197,6 +210,13 @@ class LowBitLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.form} weight-only"
+
+
+def _through_bfloat16(
+    product: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``product`` (bfloat16 in and out) for inputs and outputs of ``dtype``: two casts of a few rows."""
+    return lambda x: product(x.to(torch.bfloat16)).to(dtype)
 
 
 class Int8Linear(LowBitLinear):
@@ -253,6 +273,21 @@ def _int4_kernel() -> Callable[..., torch.Tensor]:
     return getattr(torch.ops.aten, INT4_KERNEL).default
 
 
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX, as torch detects them)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def low_bit_agent_dtype() -> torch.dtype:
+    """The dtype ``load_system`` loads agents in before quantising them (``--dtype int8`` / ``int4``):
+    bfloat16 where the CPU multiplies it natively (``native_bfloat16``), float32 elsewhere. On an AVX2-only
+    CPU, bfloat16 matrix products of 8 to 256 rows took 2.8 to 8.3 times float32's time (1536 x 576, 2
+    threads), and the default preset's int8 answer with bfloat16 agents took 12.9 s against float32's 9.7 s
+    (``benchmarks/results/RESULTS.md``)."""
+    return torch.bfloat16 if native_bfloat16() else torch.float32
+
+
 def has_int8_kernel() -> bool:
     """Whether this torch has the int8 weight-only kernel ``Int8Linear`` uses."""
     return hasattr(torch, INT8_KERNEL)
@@ -301,8 +336,9 @@ def quantize_agents(system: RecursiveMAS, cache_dir: Path | None = None, int4: b
     """Quantise every agent's backbone Linear layers and LM head to int8 weight-only in place, with ``int4``
     to int4 where that is as exact (``quantize_layer``); return ``system``.
 
-    The agents must be bfloat16 and on the CPU; a model shared by several agents is quantised once. A head
-    tied to the input embeddings keeps sharing its bfloat16 weight with them (``Int8Linear.weight``).
+    The agents must be on the CPU, in bfloat16 or float32 (``LOW_BIT_AGENT_DTYPES``; what is not quantised
+    and prompt passes compute in it); a model shared by several agents is quantised once. A head tied to the
+    input embeddings keeps sharing its weight with them (``Int8Linear.weight``).
 
     With ``cache_dir``, a model loaded from a local folder (a bundled model's cache, a downloaded
     checkpoint; ``models.load_model`` records its weight files) takes its quantised layers from
@@ -320,9 +356,10 @@ def quantize_agents(system: RecursiveMAS, cache_dir: Path | None = None, int4: b
         raise ConfigError(
             f"--dtype {dtype_name} runs on the CPU only; use --device cpu (or bfloat16 on a GPU)"
         )
-    if any(agent.dtype != torch.bfloat16 for agent in agents):
+    if any(agent.dtype not in LOW_BIT_AGENT_DTYPES for agent in agents):
         raise ConfigError(
-            f"--dtype {dtype_name} quantises bfloat16 agents; load them with dtype bfloat16 first"
+            f"--dtype {dtype_name} quantises bfloat16 or float32 agents; load them in one of those first "
+            "(quantize.low_bit_agent_dtype() picks the faster on this CPU)"
         )
     done: set[int] = set()
     for agent in agents:
@@ -363,17 +400,23 @@ def _quantized_linears(model: nn.Module, backbone: nn.Module) -> dict[str, nn.Li
 def _cache_entry(model: nn.Module, cache_dir: Path, int4: bool) -> tuple[Path, str] | None:
     """(cache file, signature) for a model loaded from a local folder whose weight files did not change
     while it loaded (``models.loaded_weight_files``); ``None`` for others (built from a config, a hub id).
-    The file is one per folder and form (int8 / int4) for this torch version and cache format,
+    The file is one per folder and form (int8 / int4, with ``_float32`` for float32 agents, whose layers
+    are quantised from float32 weights) for this torch version and cache format,
     ``<folder name>-<folder hash>-<form>-<torch and format hash>.safetensors``; the signature adds the
     weight files' names, sizes and modification times."""
     loaded = loaded_weight_files(model)
     if loaded is None:
         return None
     folder, files = loaded
-    form, version = "int4" if int4 else "int8", [INT8_CACHE_FORMAT, torch.__version__]
+    form = ("int4" if int4 else "int8") + ("" if model.dtype == torch.bfloat16 else f"_{_dtype_name(model)}")
+    version = [INT8_CACHE_FORMAT, torch.__version__]
     signature = hashlib.sha256(json.dumps([*version, folder, form, files]).encode()).hexdigest()
     stem = f"{Path(folder).name}-{_short_hash(folder)}-{form}"
     return cache_dir / f"{stem}-{_short_hash(json.dumps(version))}.safetensors", signature
+
+
+def _dtype_name(model: nn.Module) -> str:
+    return str(model.dtype).removeprefix("torch.")
 
 
 def _short_hash(text: str) -> str:
