@@ -142,7 +142,7 @@ def test_missing_kernel_is_a_clear_error(monkeypatch):
 def test_int8_needs_bfloat16_or_float32_agents_on_the_cpu():
     with pytest.raises(ConfigError, match="bfloat16 or float32 agents"):
         quantize.quantize_agents(load_system("tiny-random", None, "float16", "cpu"))
-    with pytest.raises(ConfigError, match="bfloat16 or float32 Linear layers, not torch.float16"):
+    with pytest.raises(ConfigError, match=r"bfloat16 or float32 Linear layers, not torch\.float16"):
         Int8Linear(nn.Linear(8, 8).half())
     with pytest.raises(ConfigError, match="unknown --dtype"):
         load_system("tiny-random", None, "int2", "cpu")
