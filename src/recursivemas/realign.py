@@ -43,8 +43,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-REALIGN_VERSION = 2  # bump when the fitting changes, so cached maps are refitted (2: tied scale from
-# the whole tables; version 1 stored NaN maps for tied models whose row 0 is zero)
+
+def _model_key(agent: Agent) -> str:
+    """The agent's fingerprint (the same in any dtype) and its dtype: fits read the embeddings as loaded."""
+    return f"{agent.fingerprint()}-{str(agent.dtype).removeprefix('torch.')}"
+
+
+REALIGN_VERSION = 3  # bump when the fitting changes, so cached maps are refitted (2: tied scale from
+# the whole tables; version 1 stored NaN maps for tied models whose row 0 is zero; 3: keys name the agents'
+# dtypes, since fingerprints do not: a bfloat16 model's embedding norms differ from float32's by ~0.1%)
 INNER_RIDGE_LAMBDA = 1e-5
 BRIDGE_RELATIVE_LAMBDA = 1e-3
 
@@ -148,7 +155,7 @@ class TrainingFreeLinks:
 
     def inner(self, agent: Agent) -> InnerLink:
         """Ridge realignment ``W_a`` as the residual projection; outputs rescaled to the mean norm."""
-        w_a, norm = self._fitted(f"inner-{agent.fingerprint()}", lambda: self._fit_ridge(agent))
+        w_a, norm = self._fitted(f"inner-{_model_key(agent)}", lambda: self._fit_ridge(agent))
         d = agent.hidden_size
         link = InnerLink(
             LinkConfig(agent.name, "inner", d, d, self.variant, residual_proj=True, rescale_norm=norm)
@@ -159,7 +166,7 @@ class TrainingFreeLinks:
 
     def outer(self, name: str, src: Agent, dst: Agent) -> OuterLink:
         """Shared-token least-squares bridge as ``W3``; outputs rescaled to the receiver's mean norm."""
-        key = f"outer-{src.fingerprint()}-{len(src.tokenizer)}-{dst.fingerprint()}-{len(dst.tokenizer)}"
+        key = f"outer-{_model_key(src)}-{len(src.tokenizer)}-{_model_key(dst)}-{len(dst.tokenizer)}"
         w, norm = self._fitted(key, lambda: self._fit_bridge(src, dst))
         link = OuterLink(
             LinkConfig(name, "outer", src.hidden_size, dst.hidden_size, self.variant, rescale_norm=norm)
