@@ -2,13 +2,14 @@
 
     OMP_NUM_THREADS=1 python benchmarks/dtype_speed.py [--dtypes float32 bfloat16 int8] [--repeats 3]
                                                        [--questions 100] [--max-new-tokens 32]
+                                                       [--threads 1]
 
 Systems come from ``load_system`` as ``recursivemas run --dtype D`` builds them (the default preset, its
-trained links, its rounds and latent steps; links float32 in every case), on one thread; a ``D+compile``
-entry (``int8+compile``) adds ``--compile``, whose compilation falls in the untimed warm-up round, and a
-``D+transformers`` entry runs every one-position step as a ``model(...)`` call (``StepConfig(fast=False)``,
-the library's only path before ``fast_step.FastSteps``). The first entry is the reference of the speed
-ratios and of the agreement columns; it must be a float32 one.
+trained links, its rounds and latent steps; links float32 in every case), on ``--threads`` threads
+(default one); a ``D+compile`` entry (``int8+compile``) adds ``--compile``, whose compilation falls in the
+untimed warm-up round, and a ``D+transformers`` entry runs every one-position step as a ``model(...)``
+call (``StepConfig(fast=False)``, the library's only path before ``fast_step.FastSteps``). The first entry
+is the reference of the speed ratios and of the agreement columns; it must be a float32 one.
 
 Speed: the first 1 and 8 questions of the relay task (level 1, held-out rows, ``eval --task relay:1``),
 greedy, ``--max-new-tokens`` tokens at most, timed per ``RecursiveMAS.run`` call. The dtypes run
@@ -95,10 +96,10 @@ def answers(system: RecursiveMAS, task: Task, n: int, gen: GenerationConfig) -> 
     return rows
 
 
-def peak_rss_mib(variant: str, max_new_tokens: int) -> float:
+def peak_rss_mib(variant: str, max_new_tokens: int, threads: int) -> float:
     """Peak resident MiB of a fresh process that loads the system as ``variant`` and answers 8 questions."""
     code = (
-        "import re, sys, torch; torch.set_num_threads(1)\n"
+        f"import re, sys, torch; torch.set_num_threads({threads})\n"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "from dtype_speed import load_variant\n"
         "from recursivemas.agent import GenerationConfig\n"
@@ -156,11 +157,12 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=100)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--output", type=Path, default=RESULTS / "dtype_speed.json")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the CLI uses all cores)")
     args = parser.parse_args()
     reference = args.dtypes[0]
     if not reference.startswith("float32"):
         parser.error("the first --dtypes entry is the reference: it must be float32 or float32+...")
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
     task = load_task("relay:1", limit=args.questions)
     systems = {d: load_variant(d) for d in args.dtypes}
@@ -169,7 +171,7 @@ def main() -> None:
         outputs = {d: answers(s, task, args.questions, gen) for d, s in systems.items()}
     del systems
     report = {
-        "settings": {**vars(args), "output": str(args.output), "threads": 1, "torch": torch.__version__},
+        "settings": {**vars(args), "output": str(args.output), "torch": torch.__version__},
         "reference": reference,
         "dtypes": {},
     }
@@ -180,7 +182,7 @@ def main() -> None:
             "times_s": {str(b): times[name][b] for b in BATCHES},
             "median_s": {str(b): medians[b] for b in BATCHES},
             "speedup": {str(b): base[b] / medians[b] for b in BATCHES},
-            "peak_rss_mib": peak_rss_mib(name, args.max_new_tokens),
+            "peak_rss_mib": peak_rss_mib(name, args.max_new_tokens, args.threads),
             "agreement": agreement(outputs[name], outputs[reference]),
             "answers": outputs[name],
         }

@@ -20,15 +20,20 @@ that these describe what users run, at batch 1 the per-step time of the whole ``
 ``Agent.decode`` is also taken, as (time of 1 + steps - time of 1) / steps (``library_ms``; EOS is disabled
 for the decode). To split a step's time between its matrix products and the rest (attention, norms, rotary
 embeddings, cache updates, Python), every ``nn.Linear`` of the transformer layers is also timed alone,
-run once each in order on a random (batch, in) input (``linears_ms``, with its own bound).
+run once each in order on a random (batch, in) input (``linears_ms``, with its own bound), and the
+``FastSteps`` step is timed again with every one of those Linears returning a preallocated output instead of
+multiplying (``rest_ms``: attention, norms, rotary embeddings, cache writes, the inner link, Python; for a
+decode step also the embedding row and the LM head's product). No kernel for the layers' products can take a
+step below ``rest_ms`` + the Linears' bound; over the step's bound, that is the ratio a perfect one would
+reach (``floor_ratio``).
 
 Bound: bytes read per step / copy bandwidth. A latent step reads every transformer layer and the final norm,
 the inner link and the KV cache (no embedding row: its input is a vector; no LM head). A decode step reads
 the same layers, one embedding row per batch row, the LM head (with tied embeddings that is the embedding
 matrix, counted once) and the KV cache. Activations are not counted. With ``--dtype int8`` (the CPU
-default) or ``int4`` (``recursivemas.quantize``), the layers' Linears and the LM head read their int8 or
-int4 weights and bfloat16 scales up to ``INT8_MAX_ROWS`` rows and their bfloat16 weights beyond, and the
-rest is bfloat16.
+default) or ``int4`` (``recursivemas.quantize``), the model loads in ``low_bit_agent_dtype()`` (bfloat16 on
+CPUs with bfloat16 units, else float32), and the layers' Linears and the LM head read their int8 or int4
+weights and bfloat16 scales up to ``INT8_MAX_ROWS`` rows and their loaded weights beyond.
 Writes ``results/roofline.json`` (``roofline-<dtype>.json`` for other dtypes, ``-quick`` with ``--quick``) and
 prints a Markdown table.
 """
@@ -51,7 +56,7 @@ from recursivemas.cache import cache_kwargs, cache_length, new_cache
 from recursivemas.fast_step import FastSteps
 from recursivemas.links import InnerLink, LinkConfig
 from recursivemas.models.bundled import BUNDLED
-from recursivemas.quantize import LowBitLinear, quantize_model
+from recursivemas.quantize import LowBitLinear, low_bit_agent_dtype, quantize_model
 
 RESULTS = Path(__file__).parent / "results"
 GiB = 2**30
@@ -156,10 +161,15 @@ def library_step(agent: Agent, link: InnerLink, batch: PromptBatch, steps: int, 
         agent.eos_ids = eos
 
 
+def layer_linears(agent: Agent) -> list[torch.nn.Module]:
+    """The transformer layers' Linears (plain or low-bit), in order."""
+    return [m for m in agent.backbone.modules() if isinstance(m, (torch.nn.Linear, LowBitLinear))]
+
+
 def linears(agent: Agent, batch: int, repeats: int) -> tuple[float, int]:
     """(median seconds, weight bytes) of every ``nn.Linear`` of the transformer layers run once, in order,
     on a random (batch, in) input: a step's matrix products alone, without what surrounds them."""
-    layers = [m for m in agent.backbone.modules() if isinstance(m, (torch.nn.Linear, LowBitLinear))]
+    layers = layer_linears(agent)
     widths = {m.in_features for m in layers}
     inputs = {n: torch.randn(batch, n, dtype=agent.dtype, device=agent.device) for n in widths}
 
@@ -170,11 +180,45 @@ def linears(agent: Agent, batch: int, repeats: int) -> tuple[float, int]:
     return statistics.median(wall_times(run, repeats)), sum(step_bytes(m, batch) for m in layers)
 
 
+class NoProduct(torch.nn.Module):
+    """Stands in for a Linear with a zero output of its shape and no matrix product: preallocated per row
+    count for ``FastSteps`` (``step_op``), new for ``forward`` (the untimed prefill)."""
+
+    def __init__(self, layer: torch.nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_features, self.dtype = layer.out_features, dtype
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    def step_op(self, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        out = self.outputs.setdefault(rows, torch.zeros(rows, self.out_features, dtype=self.dtype))
+        return lambda x: out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def rest_of_step(
+    agent: Agent, link: InnerLink, batch: PromptBatch, steps: int, kind: str, rollouts: int
+) -> list[float]:
+    """Seconds of each ``FastSteps`` step (after a warm-up rollout) with every transformer-layer Linear
+    replaced by a ``NoProduct``: what a step costs beyond its matrix products."""
+    names = {id(m): name for name, m in agent.backbone.named_modules()}
+    originals = {names[id(m)]: m for m in layer_linears(agent)}
+    for name, layer in originals.items():
+        agent.backbone.set_submodule(name, NoProduct(layer, agent.dtype))
+    try:
+        runs = [rollout(agent, link, batch, steps, kind, "fast") for _ in range(rollouts + 1)]
+    finally:
+        for name, layer in originals.items():
+            agent.backbone.set_submodule(name, layer)
+    return [t for run in runs[1:] for t, _ in run]
+
+
 def measure(spec: str, args: argparse.Namespace, gbps: float) -> list[dict]:
     """Rows of one model: latent and decode steps at each batch size."""
     low_bit, int4 = args.dtype in ("int8", "int4"), args.dtype == "int4"
     agent = Agent.from_pretrained(
-        spec, "agent", dtype=torch.bfloat16 if low_bit else getattr(torch, args.dtype)
+        spec, "agent", dtype=low_bit_agent_dtype() if low_bit else getattr(torch, args.dtype)
     )
     if low_bit:
         quantize_model(agent.model, agent.backbone, int4=int4)
@@ -197,14 +241,16 @@ def measure(spec: str, args: argparse.Namespace, gbps: float) -> list[dict]:
             fixed = layers + (step_bytes(link, b) if kind == "latent" else step_bytes(head, b) + b * d * elem)
             kv = statistics.median(kv_bytes(agent, b, n) for _, n in samples)
             measured = statistics.median(t for t, _ in samples)
+            rest = statistics.median(rest_of_step(agent, link, batch, args.steps, kind, args.rollouts))
+            bound = (fixed + kv) / (gbps * 1e9)
             row = {
                 "model": spec,
                 "step": kind,
                 "batch": b,
                 "ms": 1e3 * measured,
                 "transformers_ms": 1e3 * statistics.median(baseline),
-                "bound_ms": 1e3 * (fixed + kv) / (gbps * 1e9),
-                "ratio": measured / ((fixed + kv) / (gbps * 1e9)),
+                "bound_ms": 1e3 * bound,
+                "ratio": measured / bound,
                 "weight_bytes": fixed,
                 "kv_bytes": kv,
                 "cache_positions": [samples[0][1], samples[-1][1]],
@@ -212,6 +258,8 @@ def measure(spec: str, args: argparse.Namespace, gbps: float) -> list[dict]:
                 "tied_embeddings": emb.weight.data_ptr() == head.weight.data_ptr(),
                 "linears_ms": 1e3 * linear_s,
                 "linears_bound_ms": 1e3 * linear_bytes / (gbps * 1e9),
+                "rest_ms": 1e3 * rest,
+                "floor_ratio": (rest + linear_bytes / (gbps * 1e9)) / bound,
             }
             if b == 1:
                 row["library_ms"] = 1e3 * library_step(agent, link, batch, args.steps, kind, args.rollouts)
@@ -261,14 +309,15 @@ def main() -> None:
     )
     print(
         "| model | step | batch | ms measured | ms bound | ratio | transformers' forward: ms (ratio) | "
-        "layers' Linears alone: ms (bound) |"
+        "layers' Linears alone: ms (bound) | rest of the step: ms (floor ratio) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['model']} | {r['step']} | {r['batch']} | {r['ms']:.1f} | {r['bound_ms']:.1f} | "
             f"x{r['ratio']:.2f} | {r['transformers_ms']:.1f} (x{r['transformers_ms'] / r['bound_ms']:.2f}) | "
-            f"{r['linears_ms']:.1f} ({r['linears_bound_ms']:.1f}) |"
+            f"{r['linears_ms']:.1f} ({r['linears_bound_ms']:.1f}) | "
+            f"{r['rest_ms']:.1f} (x{r['floor_ratio']:.2f}) |"
         )
     lib = [f"{r['model']} {r['step']} {r['library_ms']:.1f} ms" for r in rows if "library_ms" in r]
     if lib:
