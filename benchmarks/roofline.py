@@ -2,7 +2,7 @@
 
     python benchmarks/roofline.py [--models smollm2-135m gemma3-270m] [--batches 1 4 16]
                                   [--dtype float32|bfloat16|int8|int4] [--prompt-tokens 64] [--steps 16]
-                                  [--rollouts 4] [--quick]
+                                  [--rollouts 4] [--quick] [--output FILE]
 
 Bandwidth: best of several ``dst.copy_(src)`` of 1 GiB float32 with torch's default threads, counted as
 read + write bytes (2 x 1 GiB per copy); a read-only ``src.sum()`` figure is recorded beside it.
@@ -34,8 +34,8 @@ matrix, counted once) and the KV cache. Activations are not counted. With ``--dt
 default) or ``int4`` (``recursivemas.quantize``), the model loads in ``low_bit_agent_dtype()`` (bfloat16 on
 CPUs with bfloat16 units, else float32), and the layers' Linears and the LM head read their int8 or int4
 weights and bfloat16 scales up to ``INT8_MAX_ROWS`` rows and their loaded weights beyond.
-Writes ``results/roofline.json`` (``roofline-<dtype>.json`` for other dtypes, ``-quick`` with ``--quick``) and
-prints a Markdown table.
+Writes ``--output`` (default ``results/roofline.json``, ``roofline-<dtype>.json`` for other dtypes, ``-quick``
+with ``--quick``) and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -166,16 +167,29 @@ def layer_linears(agent: Agent) -> list[torch.nn.Module]:
     return [m for m in agent.backbone.modules() if isinstance(m, (torch.nn.Linear, LowBitLinear))]
 
 
+def linear_mm(weight_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(rows, in) @ (in, out): how ``FastSteps`` multiplies by a plain Linear (its bias is added after)."""
+    return torch.mm(x, weight_t)
+
+
 def linears(agent: Agent, batch: int, repeats: int) -> tuple[float, int]:
     """(median seconds, weight bytes) of every ``nn.Linear`` of the transformer layers run once, in order,
-    on a random (batch, in) input: a step's matrix products alone, without what surrounds them."""
+    on a random (batch, in) input, as ``FastSteps`` calls them (``torch.mm`` on the transposed weight, or a
+    low-bit layer's ``step_op``): a step's matrix products alone, without what surrounds them."""
     layers = layer_linears(agent)
     widths = {m.in_features for m in layers}
     inputs = {n: torch.randn(batch, n, dtype=agent.dtype, device=agent.device) for n in widths}
+    ops = [
+        (
+            m.step_op(batch) if isinstance(m, LowBitLinear) else partial(linear_mm, m.weight.t()),
+            inputs[m.in_features],
+        )
+        for m in layers
+    ]
 
     def run() -> None:
-        for m in layers:
-            m(inputs[m.in_features])
+        for op, x in ops:
+            op(x)
 
     return statistics.median(wall_times(run, repeats)), sum(step_bytes(m, batch) for m in layers)
 
@@ -279,9 +293,12 @@ def main() -> None:
     parser.add_argument("--rollouts", type=int, default=4, help="measured rollouts (one more for warm-up)")
     parser.add_argument("--bandwidth-repeats", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="batch 1, 4 steps, 1 rollout: a smoke test")
+    parser.add_argument("--output", type=Path, help="default results/roofline[-<dtype>][-quick].json")
     args = parser.parse_args()
     if args.quick:
         args.batches, args.steps, args.rollouts, args.bandwidth_repeats = [1], 4, 1, 3
+    name = "roofline" + ("" if args.dtype == "float32" else f"-{args.dtype}")
+    output = args.output or RESULTS / f"{name}{'-quick' if args.quick else ''}.json"
     torch.set_grad_enabled(False)
     bw = bandwidth(args.bandwidth_repeats)
     rows = [row for spec in args.models for row in measure(spec, args, bw["copy_gbps"])]
@@ -291,17 +308,15 @@ def main() -> None:
     cpu = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), "")
     result = {
         "command": " ".join(["python benchmarks/roofline.py", *sys.argv[1:]]),
-        "settings": vars(args),
+        "settings": {**vars(args), "output": str(output)},
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": cpu,
         "bandwidth": {**bw, "convention": "copy: (read + write bytes) / time, 1 GiB float32; read: sum"},
         "rows": rows,
     }
-    RESULTS.mkdir(exist_ok=True)
-    name = "roofline" + ("" if args.dtype == "float32" else f"-{args.dtype}")
-    name += "-quick" if args.quick else ""
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"# Roofline, {args.dtype}, prompt {args.prompt_tokens} + {args.steps} steps, {cpu}")
     print(
         f"\nBandwidth (torch, {result['threads']} threads, 1 GiB float32): copy {bw['copy_gbps']:.1f} GB/s "

@@ -63,8 +63,9 @@ def resolve_device(device: str) -> str:
 
 def resolve_dtype(dtype_name: str, device: str) -> str:
     """``dtype_name``, with ``auto`` made concrete: ``int8`` on the CPU when this torch has the int8 kernel
-    (x2.1 the speed of float32 on the default preset, with accuracy within float32's interval:
-    ``benchmarks/results/RESULTS.md``, dtype and quantisation), ``float32`` otherwise.
+    (x2.1 the speed of float32 on the default preset on CPUs with AVX512-BF16, x1.2-1.6 on AVX2-only ones,
+    with accuracy within float32's interval: ``benchmarks/results/RESULTS.md``, dtype and quantisation),
+    ``float32`` otherwise.
 
     Raises ``ConfigError`` for a name that is not a ``--dtype`` choice, or (for ``auto``) a device that
     ``resolve_device`` rejects.
