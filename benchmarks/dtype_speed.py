@@ -51,7 +51,8 @@ VARIANTS = [*DTYPES, *(f"{d}+{f}" for f in (COMPILED, TRANSFORMERS) for d in DTY
 transformers' forward for every step (``float32+transformers``)."""
 AGREEMENT_BATCH = INT8_MAX_ROWS
 """Agreement batches are small enough that int8's one-position steps take the int8 kernel, as a batch-1
-answer's do (larger batches multiply by the bfloat16 weights: they would measure bfloat16's answers)."""
+answer's do (larger batches multiply by the loaded weights: they would measure bfloat16's or float32's
+answers)."""
 
 
 def load_variant(variant: str) -> RecursiveMAS:
@@ -169,9 +170,17 @@ def main() -> None:
     with torch.inference_mode():
         times = speed(systems, task, gen, args.repeats)
         outputs = {d: answers(s, task, args.questions, gen) for d, s in systems.items()}
+    agent_dtypes = {
+        d: str(next(iter(s.agents.values())).dtype).removeprefix("torch.") for d, s in systems.items()
+    }
     del systems
     report = {
-        "settings": {**vars(args), "output": str(args.output), "torch": torch.__version__},
+        "settings": {
+            **vars(args),
+            "output": str(args.output),
+            "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        },
         "reference": reference,
         "dtypes": {},
     }
@@ -179,6 +188,7 @@ def main() -> None:
     for name in args.dtypes:
         medians = {b: statistics.median(times[name][b]) for b in BATCHES}
         report["dtypes"][name] = {
+            "agent_dtype": agent_dtypes[name],
             "times_s": {str(b): times[name][b] for b in BATCHES},
             "median_s": {str(b): medians[b] for b in BATCHES},
             "speedup": {str(b): base[b] / medians[b] for b in BATCHES},

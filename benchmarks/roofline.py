@@ -46,7 +46,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -55,6 +54,7 @@ from rollout import wall_times
 from recursivemas.agent import Agent, GenerationConfig, PromptBatch, position_ids
 from recursivemas.cache import cache_kwargs, cache_length, new_cache
 from recursivemas.fast_step import FastSteps
+from recursivemas.fast_step import _linear as step_linear  # the projection FastSteps calls
 from recursivemas.links import InnerLink, LinkConfig
 from recursivemas.models.bundled import BUNDLED
 from recursivemas.quantize import LowBitLinear, low_bit_agent_dtype, quantize_model
@@ -80,7 +80,7 @@ def bandwidth(repeats: int) -> dict[str, float]:
 def step_bytes(module: torch.nn.Module, rows: int) -> int:
     """Bytes of ``module``'s weights a step of ``rows`` input rows reads, shared tensors counted once:
     parameters in full; an int8 or int4 layer's low-bit weight and scales up to ``INT8_MAX_ROWS`` rows,
-    its bfloat16 weight beyond (its bias either way)."""
+    its loaded (bfloat16 or float32) weight beyond (its bias either way)."""
     tensors: dict[int, torch.Tensor] = {}
     for m in module.modules():
         read = m.read_tensors(rows) if isinstance(m, LowBitLinear) else list(m.parameters(recurse=False))
@@ -167,25 +167,15 @@ def layer_linears(agent: Agent) -> list[torch.nn.Module]:
     return [m for m in agent.backbone.modules() if isinstance(m, (torch.nn.Linear, LowBitLinear))]
 
 
-def linear_mm(weight_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(rows, in) @ (in, out): how ``FastSteps`` multiplies by a plain Linear (its bias is added after)."""
-    return torch.mm(x, weight_t)
-
-
 def linears(agent: Agent, batch: int, repeats: int) -> tuple[float, int]:
     """(median seconds, weight bytes) of every ``nn.Linear`` of the transformer layers run once, in order,
-    on a random (batch, in) input, as ``FastSteps`` calls them (``torch.mm`` on the transposed weight, or a
-    low-bit layer's ``step_op``): a step's matrix products alone, without what surrounds them."""
+    on a random (batch, in) input, as ``FastSteps`` calls them (``fast_step._linear``: ``torch.mm`` /
+    ``addmm`` on the transposed weight, or a low-bit layer's ``step_op``): a step's matrix products alone,
+    without what surrounds them."""
     layers = layer_linears(agent)
     widths = {m.in_features for m in layers}
     inputs = {n: torch.randn(batch, n, dtype=agent.dtype, device=agent.device) for n in widths}
-    ops = [
-        (
-            m.step_op(batch) if isinstance(m, LowBitLinear) else partial(linear_mm, m.weight.t()),
-            inputs[m.in_features],
-        )
-        for m in layers
-    ]
+    ops = [(step_linear(m, batch), inputs[m.in_features]) for m in layers]
 
     def run() -> None:
         for op, x in ops:

@@ -303,7 +303,9 @@ def test_eval_report_names_the_dtype_that_ran(tmp_path):
     """An eval without ``--dtype`` records ``int8`` (what ``auto`` ran on the CPU), never ``auto``."""
     argv = ["eval", "--preset", "tiny-random", "--task", "relay:1", "--limit", "2", "--modes", "single"]
     assert main([*argv, "--max-new-tokens", "2", "--output", str(tmp_path)]) == 0
-    assert json.loads((tmp_path / "summary.json").read_text())["settings"]["dtype"] == "int8"
+    settings = json.loads((tmp_path / "summary.json").read_text())["settings"]
+    assert settings["dtype"] == "int8"
+    assert settings["agent_dtype"] == str(quantize.low_bit_agent_dtype()).removeprefix("torch.")
 
 
 @pytest.mark.parametrize("command", LOADING_COMMANDS)

@@ -39,11 +39,13 @@ AGENT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 @pytest.fixture(scope="module", params=sorted(AGENT_DTYPES))
 def int8_system(request):
-    """``load_system(..., "int8")`` over bfloat16 agents (CPUs with bfloat16 units) and over float32 agents
-    (AVX2-only CPUs), whichever this machine has."""
+    """``load_system(..., "int8")`` over bfloat16 agents (as on CPUs with bfloat16 units) and over float32
+    agents (as on AVX2-only CPUs), both on any machine."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(quantize, "native_bfloat16", lambda: request.param == "bfloat16")
-        return load_system("tiny-random", None, "int8", "cpu")
+        system = load_system("tiny-random", None, "int8", "cpu")
+    assert {agent.dtype for agent in system.agents.values()} == {AGENT_DTYPES[request.param]}
+    return system
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -87,9 +89,9 @@ def test_low_bit_agents_are_bfloat16_only_where_the_cpu_multiplies_it(monkeypatc
             assert agent.dtype == dtype
             assert {m.weight.dtype for m in agent.model.modules() if isinstance(m, LowBitLinear)} == {dtype}
     monkeypatch.undo()
-    assert quantize.native_bfloat16() == (
-        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    )
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    assert all(hasattr(torch.cpu, probe) for probe in probes)  # a renamed probe would silently mean float32
+    assert quantize.native_bfloat16() == any(getattr(torch.cpu, probe)() for probe in probes)
 
 
 def test_quantize_module_replaces_every_linear():
@@ -179,11 +181,12 @@ def test_cli_runs_with_dtype_int8_and_int4(capsys, dtype):
 
 @pytest.mark.parametrize("rows", [1, INT8_MAX_ROWS, INT8_MAX_ROWS + 1])
 @pytest.mark.parametrize("bias", [False, True])
-def test_step_op_equals_forward(rows, bias):
+@pytest.mark.parametrize("dtype", sorted(AGENT_DTYPES))
+def test_step_op_equals_forward(rows, bias, dtype):
     """``Int8Linear.step_op``, the plain function ``FastSteps`` calls, picks the kernel ``forward`` picks."""
     torch.manual_seed(0)
-    layer = Int8Linear(nn.Linear(32, 48, bias=bias).to(torch.bfloat16))
-    x = torch.randn(rows, 32, dtype=torch.bfloat16)
+    layer = Int8Linear(nn.Linear(32, 48, bias=bias).to(AGENT_DTYPES[dtype]))
+    x = torch.randn(rows, 32, dtype=AGENT_DTYPES[dtype])
     assert torch.equal(layer.step_op(rows)(x), layer(x))
 
 
@@ -417,6 +420,13 @@ def test_float32_agents_cache_apart_from_bfloat16_ones(model_folders, tmp_path):
     assert _cache_forms(cache) == ["gemma3-int8", "gemma3-int8_float32", "llama-int8", "llama-int8_float32"]
     assert _int8_buffers(_int8_folder_system(model_folders, cache, int4=False)).keys() == bf16.keys()
     assert len(list(cache.iterdir())) == 4
+    for _ in range(2):  # int4 over float32 agents: the Llama's 4-bit layers, quantised then cached
+        system = quantize.quantize_agents(
+            _bf16_folder_system(model_folders, torch.float32), cache_dir=cache, int4=True
+        )
+        assert {k.rpartition(".")[2] for k in _int8_buffers(system)} >= {"qweight4", "scales_and_zeros"}
+    assert len(list(cache.iterdir())) == 6
+    assert "llama-int4_float32" in _cache_forms(cache)
 
 
 def test_load_system_int4_takes_exact_layers_and_caches_them(model_folders, tmp_path, monkeypatch):

@@ -101,7 +101,6 @@ def test_a_non_finite_fit_is_refused_and_not_cached(tmp_path, monkeypatch):
 
 
 def test_fitted_maps_are_cached_on_disk_and_refitted_when_corrupt(tmp_path, monkeypatch):
-
     monkeypatch.setenv("RECURSIVEMAS_CACHE", str(tmp_path))
     first = build_preset("tiny-random", rounds=1, latent_steps=2)
     files = sorted((tmp_path / "realign").iterdir())

@@ -43,17 +43,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-
-def _model_key(agent: Agent) -> str:
-    """The agent's fingerprint (the same in any dtype) and its dtype: fits read the embeddings as loaded."""
-    return f"{agent.fingerprint()}-{str(agent.dtype).removeprefix('torch.')}"
-
-
 REALIGN_VERSION = 3  # bump when the fitting changes, so cached maps are refitted (2: tied scale from
 # the whole tables; version 1 stored NaN maps for tied models whose row 0 is zero; 3: keys name the agents'
 # dtypes, since fingerprints do not: a bfloat16 model's embedding norms differ from float32's by ~0.1%)
 INNER_RIDGE_LAMBDA = 1e-5
 BRIDGE_RELATIVE_LAMBDA = 1e-3
+
+
+def _model_key(agent: Agent) -> str:
+    """The agent's fingerprint (the same in any dtype) and its dtype: fits read the embeddings as loaded."""
+    return f"{agent.fingerprint()}-{str(agent.dtype).removeprefix('torch.')}"
 
 
 def ridge_realignment(

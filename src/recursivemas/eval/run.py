@@ -140,6 +140,8 @@ def evaluate_command(opts: EvalOptions) -> int:
         "processes": state.num_processes,
         "device": opts.device,
         "dtype": dtype,
+        # int8/int4 agents are bfloat16 or float32 by the CPU (quantize.low_bit_agent_dtype): numerics differ
+        "agent_dtype": str(next(iter(system.agents.values())).dtype).removeprefix("torch."),
         "compile": opts.compile,
     }
     if sweep:
@@ -244,6 +246,8 @@ def _earlier_report(out: Path, settings: dict) -> tuple[dict, list[Prediction]] 
     except (json.JSONDecodeError, TypeError, KeyError, OSError) as err:
         raise ConfigError(f"--merge: cannot read the report in {out} ({err}); use another --output") from None
     new = json.loads(json.dumps(settings))  # tuples as lists, as the file has them
+    if "agent_dtype" not in old:  # reports from before the key: their agents' dtype was not recorded
+        new.pop("agent_dtype", None)
     differ = sorted(k for k in {*new, *old} - _MERGE_FREE if new.get(k) != old.get(k))
     if differ:
         raise ConfigError(
