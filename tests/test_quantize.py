@@ -43,6 +43,7 @@ def int8_system(request):
     agents (as on AVX2-only CPUs), both on any machine."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(quantize, "native_bfloat16", lambda: request.param == "bfloat16")
+        patch.delenv(quantize.LOW_BIT_AGENTS_ENV, raising=False)
         system = load_system("tiny-random", None, "int8", "cpu")
     assert {agent.dtype for agent in system.agents.values()} == {AGENT_DTYPES[request.param]}
     return system
@@ -79,9 +80,24 @@ def test_int8_linear_multiplies_many_rows_by_its_own_weight_exactly(dtype):
     assert _relative_error(short, expected) < 0.01  # bfloat16 inputs and output, int8 weight
 
 
+def test_the_low_bit_agent_dtype_can_be_set(monkeypatch):
+    """``$RECURSIVEMAS_LOW_BIT_AGENTS`` overrides the CPU's choice; another value is a clear error."""
+    for native in (True, False):
+        monkeypatch.setattr(quantize, "native_bfloat16", lambda native=native: native)
+        for name, dtype in AGENT_DTYPES.items():
+            monkeypatch.setenv(quantize.LOW_BIT_AGENTS_ENV, name)
+            assert quantize.low_bit_agent_dtype() == dtype
+    monkeypatch.setenv(quantize.LOW_BIT_AGENTS_ENV, "float16")
+    with pytest.raises(
+        ConfigError, match=r"RECURSIVEMAS_LOW_BIT_AGENTS='float16': use one of bfloat16, float32"
+    ):
+        load_system("tiny-random", None, "int8", "cpu")
+
+
 def test_low_bit_agents_are_bfloat16_only_where_the_cpu_multiplies_it(monkeypatch):
     """``load_system`` loads int8 / int4 agents in bfloat16 on CPUs with bfloat16 units, float32 on others
     (AVX2 only: bfloat16 prompt passes there cost more than the int8 steps save)."""
+    monkeypatch.delenv(quantize.LOW_BIT_AGENTS_ENV, raising=False)
     for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(quantize, "native_bfloat16", lambda native=native: native)
         assert quantize.low_bit_agent_dtype() == dtype

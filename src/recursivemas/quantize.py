@@ -43,6 +43,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import os
 import random
 import sys
 from collections.abc import Callable
@@ -77,6 +78,9 @@ kernel is a matrix-vector loop whose time grows with the rows, bfloat16 GEMMs us
 LOW_BIT_AGENT_DTYPES = (torch.bfloat16, torch.float32)
 """Dtypes of the agents ``quantize_agents`` takes: their embeddings, norms, attention and prompt passes
 (more than ``INT8_MAX_ROWS`` rows) compute in it; ``low_bit_agent_dtype`` picks one for this CPU."""
+
+LOW_BIT_AGENTS_ENV = "RECURSIVEMAS_LOW_BIT_AGENTS"
+"""Overrides ``low_bit_agent_dtype``'s choice by the CPU: ``bfloat16`` or ``float32``."""
 
 Quantized = dict[str, torch.Tensor]
 """One layer's quantised tensors: ``qweight`` and ``scales`` (int8) or ``qweight4`` and
@@ -281,10 +285,22 @@ def native_bfloat16() -> bool:
 
 def low_bit_agent_dtype() -> torch.dtype:
     """The dtype ``load_system`` loads agents in before quantising them (``--dtype int8`` / ``int4``):
-    bfloat16 where the CPU multiplies it natively (``native_bfloat16``), float32 elsewhere. On an AVX2-only
-    CPU, bfloat16 matrix products of 8 to 256 rows took 2.8 to 8.3 times float32's time (1536 x 576, 2
-    threads), and the default preset's int8 answer with bfloat16 agents took 12.9 s against float32's 9.7 s
-    (``benchmarks/results/RESULTS.md``)."""
+    ``$RECURSIVEMAS_LOW_BIT_AGENTS`` (``bfloat16`` or ``float32``) if set, else bfloat16 where the CPU
+    multiplies it natively (``native_bfloat16``) and float32 elsewhere. On an AVX2-only CPU, bfloat16
+    matrix products of 8 to 256 rows took 2.8 to 8.3 times float32's time (1536 x 576, 2 threads), and the
+    default preset's int8 answer with bfloat16 agents took 12.9 s against float32's 9.7 s
+    (``benchmarks/results/RESULTS.md``).
+
+    Raises ``ConfigError`` for another value of the variable."""
+    choice = os.environ.get(LOW_BIT_AGENTS_ENV, "")
+    if choice:
+        choices = {str(d).removeprefix("torch."): d for d in LOW_BIT_AGENT_DTYPES}
+        if choice not in choices:
+            raise ConfigError(
+                f"${LOW_BIT_AGENTS_ENV}={choice!r}: use one of {', '.join(sorted(choices))}, or unset it to "
+                "let the CPU decide"
+            )
+        return choices[choice]
     return torch.bfloat16 if native_bfloat16() else torch.float32
 
 
