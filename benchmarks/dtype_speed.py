@@ -39,6 +39,7 @@ from recursivemas.agent import GenerationConfig, StepConfig
 from recursivemas.eval.harness import wilson_interval
 from recursivemas.eval.tasks import Task, load_task
 from recursivemas.loading import AUTO, DTYPE_CHOICES, load_system
+from recursivemas.models import dtype_name
 from recursivemas.quantize import INT8_MAX_ROWS
 from recursivemas.system import RecursiveMAS
 
@@ -170,9 +171,7 @@ def main() -> None:
     with torch.inference_mode():
         times = speed(systems, task, gen, args.repeats)
         outputs = {d: answers(s, task, args.questions, gen) for d, s in systems.items()}
-    agent_dtypes = {
-        d: str(next(iter(s.agents.values())).dtype).removeprefix("torch.") for d, s in systems.items()
-    }
+    agent_dtypes = {d: dtype_name(next(iter(s.agents.values())).dtype) for d, s in systems.items()}
     del systems
     report = {
         "settings": {

@@ -17,6 +17,7 @@ from recursivemas.cli import main
 from recursivemas.errors import ConfigError
 from recursivemas.eval import run as eval_run
 from recursivemas.loading import DTYPE_CHOICES, load_system, resolve_dtype
+from recursivemas.models import dtype_name
 from recursivemas.quantize import Int8Linear
 
 FAST = ["--rounds", "2", "--latent-steps", "4", "--max-new-tokens", "6"]
@@ -305,7 +306,7 @@ def test_eval_report_names_the_dtype_that_ran(tmp_path):
     assert main([*argv, "--max-new-tokens", "2", "--output", str(tmp_path)]) == 0
     settings = json.loads((tmp_path / "summary.json").read_text())["settings"]
     assert settings["dtype"] == "int8"
-    assert settings["agent_dtype"] == str(quantize.low_bit_agent_dtype()).removeprefix("torch.")
+    assert settings["agent_dtype"] == dtype_name(quantize.low_bit_agent_dtype())
 
 
 @pytest.mark.parametrize("command", LOADING_COMMANDS)

@@ -137,7 +137,7 @@ def test_int8_steps_follow_their_agents_dtype(int8_system):
     layout shows at 50% and more), teacher-forced on the same tokens so that near-tied greedy choices of
     random tiny models cannot make the inputs part."""
     dtype = next(iter(int8_system.agents.values())).dtype
-    reference = load_system("tiny-random", None, str(dtype).removeprefix("torch."), "cpu")
+    reference = load_system("tiny-random", None, models.dtype_name(dtype), "cpu")
     ids = torch.randint(3, 200, (len(QUESTIONS), 8), generator=torch.Generator().manual_seed(0))
     for name, agent in int8_system.agents.items():
         logits = []

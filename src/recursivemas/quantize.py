@@ -57,7 +57,7 @@ from torch.nn import functional as F
 
 from recursivemas.errors import ConfigError
 from recursivemas.fileio import WRITE_ERRORS, atomic_write
-from recursivemas.models import loaded_weight_files
+from recursivemas.models import dtype_name, loaded_weight_files
 from recursivemas.models.bundled import cache_root
 from recursivemas.system import RecursiveMAS
 
@@ -294,7 +294,7 @@ def low_bit_agent_dtype() -> torch.dtype:
     Raises ``ConfigError`` for another value of the variable."""
     choice = os.environ.get(LOW_BIT_AGENTS_ENV, "")
     if choice:
-        choices = {str(d).removeprefix("torch."): d for d in LOW_BIT_AGENT_DTYPES}
+        choices = {dtype_name(d): d for d in LOW_BIT_AGENT_DTYPES}
         if choice not in choices:
             raise ConfigError(
                 f"${LOW_BIT_AGENTS_ENV}={choice!r}: use one of {', '.join(sorted(choices))}, or unset it to "
@@ -424,15 +424,13 @@ def _cache_entry(model: nn.Module, cache_dir: Path, int4: bool) -> tuple[Path, s
     if loaded is None:
         return None
     folder, files = loaded
-    form = ("int4" if int4 else "int8") + ("" if model.dtype == torch.bfloat16 else f"_{_dtype_name(model)}")
+    form = ("int4" if int4 else "int8") + (
+        "" if model.dtype == torch.bfloat16 else f"_{dtype_name(model.dtype)}"
+    )
     version = [INT8_CACHE_FORMAT, torch.__version__]
     signature = hashlib.sha256(json.dumps([*version, folder, form, files]).encode()).hexdigest()
     stem = f"{Path(folder).name}-{_short_hash(folder)}-{form}"
     return cache_dir / f"{stem}-{_short_hash(json.dumps(version))}.safetensors", signature
-
-
-def _dtype_name(model: nn.Module) -> str:
-    return str(model.dtype).removeprefix("torch.")
 
 
 def _short_hash(text: str) -> str:

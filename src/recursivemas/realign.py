@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from recursivemas.errors import ConfigError
 from recursivemas.fileio import atomic_write
 from recursivemas.links import InnerLink, LinkConfig, OuterLink
+from recursivemas.models import dtype_name
 from recursivemas.models.bundled import cache_root
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ BRIDGE_RELATIVE_LAMBDA = 1e-3
 
 def _model_key(agent: Agent) -> str:
     """The agent's fingerprint (the same in any dtype) and its dtype: fits read the embeddings as loaded."""
-    return f"{agent.fingerprint()}-{str(agent.dtype).removeprefix('torch.')}"
+    return f"{agent.fingerprint()}-{dtype_name(agent.dtype)}"
 
 
 def ridge_realignment(

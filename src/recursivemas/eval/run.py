@@ -41,6 +41,7 @@ from recursivemas.eval.report import write_outputs
 from recursivemas.eval.tasks import Task, load_task
 from recursivemas.fileio import atomic_write, check_writable_dir, write_failure
 from recursivemas.loading import load_system, resolve_dtype
+from recursivemas.models import dtype_name
 
 
 @dataclass
@@ -141,7 +142,7 @@ def evaluate_command(opts: EvalOptions) -> int:
         "device": opts.device,
         "dtype": dtype,
         # int8/int4 agents are bfloat16 or float32 by the CPU (quantize.low_bit_agent_dtype): numerics differ
-        "agent_dtype": str(next(iter(system.agents.values())).dtype).removeprefix("torch."),
+        "agent_dtype": dtype_name(next(iter(system.agents.values())).dtype),
         "compile": opts.compile,
     }
     if sweep:

@@ -23,6 +23,11 @@ from recursivemas.models.tiny import TINY_MODELS, tiny_model
 TINY_PREFIX = "tiny-random:"
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``"float32"`` for ``torch.float32``: the name ``--dtype``, reports and cache keys use."""
+    return str(dtype).removeprefix("torch.")
+
+
 def registry_names() -> list[str]:
     return [*BUNDLED, *(TINY_PREFIX + n for n in TINY_MODELS)]
 
