@@ -162,9 +162,10 @@ def library_step(agent: Agent, link: InnerLink, batch: PromptBatch, steps: int, 
         agent.eos_ids = eos
 
 
-def layer_linears(agent: Agent) -> list[torch.nn.Module]:
-    """The transformer layers' Linears (plain or low-bit), in order."""
-    return [m for m in agent.backbone.modules() if isinstance(m, (torch.nn.Linear, LowBitLinear))]
+def layer_linears(agent: Agent) -> dict[str, torch.nn.Module]:
+    """``{name in the backbone: layer}`` of the transformer layers' Linears (plain or low-bit), in order."""
+    kinds = (torch.nn.Linear, LowBitLinear)
+    return {name: m for name, m in agent.backbone.named_modules() if isinstance(m, kinds)}
 
 
 def linears(agent: Agent, batch: int, repeats: int) -> tuple[float, int]:
@@ -172,7 +173,7 @@ def linears(agent: Agent, batch: int, repeats: int) -> tuple[float, int]:
     on a random (batch, in) input, as ``FastSteps`` calls them (``fast_step._linear``: ``torch.mm`` /
     ``addmm`` on the transposed weight, or a low-bit layer's ``step_op``): a step's matrix products alone,
     without what surrounds them."""
-    layers = layer_linears(agent)
+    layers = list(layer_linears(agent).values())
     widths = {m.in_features for m in layers}
     inputs = {n: torch.randn(batch, n, dtype=agent.dtype, device=agent.device) for n in widths}
     ops = [(step_linear(m, batch), inputs[m.in_features]) for m in layers]
@@ -206,8 +207,7 @@ def rest_of_step(
 ) -> list[float]:
     """Seconds of each ``FastSteps`` step (after a warm-up rollout) with every transformer-layer Linear
     replaced by a ``NoProduct``: what a step costs beyond its matrix products."""
-    names = {id(m): name for name, m in agent.backbone.named_modules()}
-    originals = {names[id(m)]: m for m in layer_linears(agent)}
+    originals = layer_linears(agent)
     for name, layer in originals.items():
         agent.backbone.set_submodule(name, NoProduct(layer, agent.dtype))
     try:
