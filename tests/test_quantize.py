@@ -293,7 +293,7 @@ def model_folders(tmp_path_factory):
 
 
 def _int8_folder_system(folders: dict[str, str], cache: Path, int4: bool = True) -> RecursiveMAS:
-    return quantize.quantize_agents(_bf16_folder_system(folders), cache_dir=cache, int4=int4)
+    return quantize.quantize_agents(_folder_system(folders), cache_dir=cache, int4=int4)
 
 
 def _cache_forms(cache: Path) -> list[str]:
@@ -301,7 +301,7 @@ def _cache_forms(cache: Path) -> list[str]:
     return sorted("-".join(f.name.split("-")[0:3:2]) for f in cache.iterdir())
 
 
-def _bf16_folder_system(folders: dict[str, str], dtype: torch.dtype = torch.bfloat16) -> RecursiveMAS:
+def _folder_system(folders: dict[str, str], dtype: torch.dtype = torch.bfloat16) -> RecursiveMAS:
     agents = {"planner": folders["llama"], "critic": folders["gemma3"], "solver": folders["llama"]}
     return build_from_specs(agents, dtype=dtype)
 
@@ -370,7 +370,7 @@ def test_stale_or_broken_int8_cache_is_rewritten(model_folders, tmp_path, capsys
     capsys.readouterr()
     system = _int8_folder_system(folders, cache)
     assert f"{cached} is stale" in capsys.readouterr().err
-    expected = _int8_buffers(quantize.quantize_agents(_bf16_folder_system(folders), int4=True))
+    expected = _int8_buffers(quantize.quantize_agents(_folder_system(folders), int4=True))
     got = _int8_buffers(system)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     _int8_folder_system(folders, cache)  # rewritten: no longer stale
@@ -384,7 +384,7 @@ def test_int8_cache_is_keyed_to_the_files_the_weights_were_loaded_from(model_fol
     folders["llama"] = str(tmp_path / "llama")
     shutil.copytree(model_folders["llama"], folders["llama"])
     cache = tmp_path / "int8"
-    old = _bf16_folder_system(folders)
+    old = _folder_system(folders)
     weights = Path(folders["llama"]) / "model.safetensors"
     tensors = load_file(weights)
     flipped = {k: torch.flip(v, dims=[0]).contiguous() for k, v in tensors.items()}
@@ -393,7 +393,7 @@ def test_int8_cache_is_keyed_to_the_files_the_weights_were_loaded_from(model_fol
     capsys.readouterr()
     new = _int8_folder_system(folders, cache)
     assert "is stale, its model's files, the format or torch changed" in capsys.readouterr().err
-    expected = _int8_buffers(quantize.quantize_agents(_bf16_folder_system(folders), int4=True))
+    expected = _int8_buffers(quantize.quantize_agents(_folder_system(folders), int4=True))
     assert all(torch.equal(_int8_buffers(new)[k], expected[k]) for k in expected)
     recorded = loaded_weight_files(new.agents["planner"].model)
     assert recorded == (str(Path(folders["llama"]).resolve()), weight_files(Path(folders["llama"])))
@@ -427,7 +427,7 @@ def test_float32_agents_cache_apart_from_bfloat16_ones(model_folders, tmp_path):
     bf16 = _int8_buffers(_int8_folder_system(model_folders, cache, int4=False))
     for _ in range(2):  # quantised, then from its own cache
         system = quantize.quantize_agents(
-            _bf16_folder_system(model_folders, torch.float32), cache_dir=cache, int4=False
+            _folder_system(model_folders, torch.float32), cache_dir=cache, int4=False
         )
         fp32 = _int8_buffers(system)
         assert {agent.dtype for agent in system.agents.values()} == {torch.float32}
@@ -438,7 +438,7 @@ def test_float32_agents_cache_apart_from_bfloat16_ones(model_folders, tmp_path):
     assert len(list(cache.iterdir())) == 4
     for _ in range(2):  # int4 over float32 agents: the Llama's 4-bit layers, quantised then cached
         system = quantize.quantize_agents(
-            _bf16_folder_system(model_folders, torch.float32), cache_dir=cache, int4=True
+            _folder_system(model_folders, torch.float32), cache_dir=cache, int4=True
         )
         assert {k.rpartition(".")[2] for k in _int8_buffers(system)} >= {"qweight4", "scales_and_zeros"}
     assert len(list(cache.iterdir())) == 6
@@ -450,7 +450,7 @@ def test_load_system_int4_takes_exact_layers_and_caches_them(model_folders, tmp_
     layers become ``Int4Linear``s, the random Gemma3's stay int8, and each form is cached in its own file."""
     monkeypatch.setenv("RECURSIVEMAS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(quantize, "native_bfloat16", lambda: True)  # bfloat16 agents, the forms' plain names
-    _bf16_folder_system(model_folders).save_pretrained(str(tmp_path / "ckpt"))
+    _folder_system(model_folders).save_pretrained(str(tmp_path / "ckpt"))
     for dtype, forms in (("int4", {Int4Linear, Int8Linear}), ("int8", {Int8Linear})):
         system = load_system(None, str(tmp_path / "ckpt"), dtype, "cpu")
         planner = {type(m) for m in system.agents["planner"].model.modules() if isinstance(m, LowBitLinear)}
