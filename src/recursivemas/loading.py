@@ -11,7 +11,10 @@ from recursivemas.agent import StepConfig
 from recursivemas.errors import ConfigError
 from recursivemas.presets import DEFAULT_PRESET, build_preset
 from recursivemas.quantize import (
+    FP16_WEIGHTS,
+    check_fp16_weight_support,
     check_int8_support,
+    fp16_weight_agents,
     has_int8_kernel,
     int8_cache_dir,
     low_bit_agent_dtype,
@@ -23,15 +26,20 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 QUANTIZED = ("int4", "int8")
 """Quantised ``--dtype`` names: agents load in ``quantize.low_bit_agent_dtype()`` (bfloat16 or float32,
 by the CPU), then their Linear layers are quantised."""
+CPU_ONLY = (FP16_WEIGHTS, *QUANTIZED)
+"""``--dtype`` names whose kernels run on the CPU only: the low-bit ones and ``fp16w`` (float32 agents
+whose Linear layers multiply by float16 weights, ``quantize.Fp16Linear``)."""
 AUTO = "auto"
 """The default ``--dtype``: int8 on the CPU (``resolve_dtype``), float32 elsewhere."""
-DTYPE_CHOICES = [AUTO, *sorted([*DTYPES, *QUANTIZED])]
+DTYPE_CHOICES = [AUTO, *sorted([*DTYPES, *CPU_ONLY])]
 """Every ``--dtype`` value ``load_system`` takes."""
 DTYPE_HELP = (
     "agent weights (default auto: int8 on the CPU, float32 on other devices); int8: int8 weight-only "
     "one-position steps, prompt passes and the rest in bfloat16 on CPUs with bfloat16 units, else float32 "
     "(CPU only); int4: as int8, with 4-bit layers "
-    "where the weights are 4-bit at source (faster; see the README); links always compute in float32"
+    "where the weights are 4-bit at source (faster; see the README); fp16w: float32 agents whose layers "
+    "multiply by float16 weights (x86 CPUs only; answers as float32's, faster than int8 on AVX2-only CPUs "
+    "once loaded, packs its weights at every load); links always compute in float32"
 )
 """The ``--dtype`` help of every command that loads a system."""
 COMPILE_HELP = (
@@ -77,6 +85,14 @@ def resolve_dtype(dtype_name: str, device: str) -> str:
     return "int8" if torch.device(resolve_device(device)).type == "cpu" and has_int8_kernel() else "float32"
 
 
+def agent_dtype(dtype_name: str) -> torch.dtype:
+    """The dtype agents load in for the concrete ``--dtype`` ``dtype_name`` (before any quantisation):
+    ``low_bit_agent_dtype()`` for int8 / int4, float32 for fp16w, else the dtype named."""
+    if dtype_name in QUANTIZED:
+        return low_bit_agent_dtype()
+    return torch.float32 if dtype_name == FP16_WEIGHTS else DTYPES[dtype_name]
+
+
 def load_system(
     preset: str | None,
     checkpoint: str | None,
@@ -98,13 +114,16 @@ def load_system(
         raise ConfigError("--init applies to presets; a checkpoint brings its own links")
     device = resolve_device(device)
     dtype_name = resolve_dtype(dtype_name, device)
-    if dtype_name in QUANTIZED:  # checked before loading anything
+    if dtype_name in CPU_ONLY:  # checked before loading anything
         if torch.device(device).type != "cpu":
             raise ConfigError(
                 f"--dtype {dtype_name} runs on the CPU only; use --device cpu (or bfloat16 on a GPU)"
             )
-        check_int8_support(int4=dtype_name == "int4")
-    dtype = low_bit_agent_dtype() if dtype_name in QUANTIZED else DTYPES[dtype_name]
+        if dtype_name == FP16_WEIGHTS:
+            check_fp16_weight_support()
+        else:
+            check_int8_support(int4=dtype_name == "int4")
+    dtype = agent_dtype(dtype_name)
     source = f"checkpoint {checkpoint}" if checkpoint else f"preset {preset or DEFAULT_PRESET}"
     print(f"recursivemas: loading {source} ({dtype_name} on {device})...", file=sys.stderr, flush=True)
     start = time.perf_counter()
@@ -112,7 +131,9 @@ def load_system(
         system = RecursiveMAS.from_pretrained(checkpoint, dtype=dtype, device=device, allow_hub=allow_hub)
     else:
         system = build_preset(preset or DEFAULT_PRESET, dtype=dtype, device=device, init=init)
-    if dtype_name in QUANTIZED:
+    if dtype_name == FP16_WEIGHTS:
+        system = fp16_weight_agents(system)
+    elif dtype_name in QUANTIZED:
         system = quantize_agents(system, cache_dir=int8_cache_dir(), int4=dtype_name == "int4")
     system.set_step_config(StepConfig(compile=compile))
     print(f"recursivemas: loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)

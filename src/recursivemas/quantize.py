@@ -47,6 +47,8 @@ import os
 import random
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -74,6 +76,14 @@ INT8_MAX_ROWS = 8
 """Inputs with more rows (a prompt pass, a large batch) multiply by the loaded weight instead: the int8
 kernel is a matrix-vector loop whose time grows with the rows, bfloat16 GEMMs use AMX/AVX512-BF16
 (measured on CPUs with them: int8 wins up to 8 rows, bfloat16 from 16)."""
+
+FP16_WEIGHTS = "fp16w"
+"""The ``--dtype`` of float16 weight-only layers (``Fp16Linear``) over float32 agents."""
+FP16_PREPACK, FP16_KERNEL = "linear_prepack_fp16", "linear_dynamic_fp16"
+"""fbgemm's float16 weight packing and GEMM, as ``torch.ops.quantized`` names them."""
+FP16_BLOCK_ROWS = 32768
+"""Output rows packed together by ``Fp16Linear``: every transformer layer of the bundled models is one
+block, Gemma-3's LM head eight, which pack in parallel."""
 
 LOW_BIT_AGENT_DTYPES = (torch.bfloat16, torch.float32)
 """Dtypes of the agents ``quantize_agents`` takes: their embeddings, norms, attention and prompt passes
@@ -216,6 +226,65 @@ class LowBitLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.form} weight-only"
 
 
+class Fp16Linear(LowBitLinear):
+    """A frozen float32 ``nn.Linear`` multiplying by its weight rounded to float16 (``--dtype fp16w``), at
+    every row count, by fbgemm's float16 GEMM: PyTorch's dynamic float16 quantisation kernel
+    (``torch.ops.quantized.linear_dynamic_fp16``), which widens the packed float16 weight to float32 in
+    registers. Float32 rows in and out, float32 arithmetic, half float32's bytes read. Rounding a weight to
+    float16 costs about 0.03% relative error (int8: 1%); an AVX2-only CPU multiplies faster than in
+    float32 at every row count (SmolLM2's 210 layers, 2 threads: 12-16 ms against 28 ms at 1 row, 19-20
+    against 43 at 8, 85 against 108 at 64; ``benchmarks/results/RESULTS.md``).
+
+    The packed weight is fbgemm's own object, not a tensor: it cannot be saved (torch saves it as the
+    float32 weight), so every load packs again, at about 50-100M weights a second on one thread. It is
+    packed in blocks of ``FP16_BLOCK_ROWS`` output rows (``packed``, one per block), so that the blocks of
+    a large LM head (Gemma-3's 262k x 640: 3.3 s on one thread) pack on several threads
+    (``fp16_weight_model``); each block's outputs are the whole matrix's columns, bit for bit."""
+
+    form = FP16_WEIGHTS
+
+    def __init__(self, linear: nn.Linear, packed: list[object] | None = None) -> None:
+        """Pack ``linear``'s weight, or take ``packed`` = ``fp16_blocks(linear)``'s output, packed before."""
+        super().__init__(linear)
+        if self.weight.dtype != torch.float32:
+            raise ConfigError(
+                f"--dtype {FP16_WEIGHTS} packs float32 Linear layers (its kernel takes float32 rows), "
+                f"not {self.weight.dtype}"
+            )
+        self.packed = packed if packed is not None else [pack() for pack in fp16_blocks(linear)]
+
+    def step_op(self, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The product for row-major (``rows``, in) float32 inputs, bias included: the same kernel for any
+        ``rows``, the blocks' (rows, block) outputs concatenated."""
+        kernel = _fp16_op(FP16_KERNEL)
+        if len(self.packed) == 1:
+            packed = self.packed[0]
+            return lambda x: kernel(x, packed)
+        return lambda x: torch.cat([kernel(x, block) for block in self.packed], dim=-1)
+
+    def read_tensors(self, rows: int) -> list[torch.Tensor]:
+        """Stand-ins (on the meta device) for the float16 weight the packed object holds, and the bias."""
+        weight = torch.empty(self.weight.shape, dtype=torch.float16, device="meta")
+        return [weight, *([self.bias] if self.bias is not None else [])]
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.half().float()
+
+
+def fp16_blocks(linear: nn.Linear) -> list[Callable[[], object]]:
+    """One call per block of ``FP16_BLOCK_ROWS`` output rows of ``linear``, packing that block's weight
+    (a row slice: a view) and bias for ``Fp16Linear``."""
+    weight = linear.weight.detach()  # (out, in)
+    bias = linear.bias.detach() if linear.bias is not None else None
+    prepack, starts = _fp16_op(FP16_PREPACK), range(0, weight.shape[0], FP16_BLOCK_ROWS)
+    rows = [slice(i, i + FP16_BLOCK_ROWS) for i in starts]
+    return [partial(prepack, weight[r], None if bias is None else bias[r]) for r in rows]
+
+
+def _fp16_op(name: str) -> Callable[..., object]:
+    return getattr(torch.ops.quantized, name).default
+
+
 def _through_bfloat16(
     product: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -309,6 +378,13 @@ def has_int8_kernel() -> bool:
     return hasattr(torch, INT8_KERNEL)
 
 
+def has_fp16_weight_kernel() -> bool:
+    """Whether this torch has fbgemm's float16 weight-only kernel ``Fp16Linear`` uses (x86 builds)."""
+    ops = torch.ops.quantized
+    fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
+    return fbgemm and all(hasattr(ops, op) for op in (FP16_PREPACK, FP16_KERNEL))
+
+
 def has_int4_kernel() -> bool:
     """Whether this torch has the CPU int4 kernel ``Int4Linear`` uses, and its packing."""
     return all(hasattr(torch.ops.aten, op) for op in (INT4_KERNEL, INT4_PACK))
@@ -327,6 +403,17 @@ def check_int8_support(int4: bool = False) -> None:
         raise ConfigError(
             f"--dtype int4 needs PyTorch's CPU int4 kernel (torch.ops.aten.{INT4_KERNEL}, torch >= 2.6); "
             f"this is torch {torch.__version__}: install a newer torch or use --dtype int8"
+        )
+
+
+def check_fp16_weight_support() -> None:
+    """Raise a ``ConfigError`` saying what to use instead if this torch lacks fbgemm's float16 kernel."""
+    if not has_fp16_weight_kernel():
+        engines = ", ".join(torch.backends.quantized.supported_engines)
+        raise ConfigError(
+            f"--dtype {FP16_WEIGHTS} needs fbgemm's float16 kernel (torch.ops.quantized.{FP16_KERNEL}, in "
+            f"PyTorch's x86 builds); this torch {torch.__version__} has the quantized engines [{engines}]: "
+            "use --dtype int8 or float32"
         )
 
 
@@ -386,6 +473,41 @@ def quantize_agents(system: RecursiveMAS, cache_dir: Path | None = None, int4: b
     return system
 
 
+def fp16_weight_agents(system: RecursiveMAS) -> RecursiveMAS:
+    """Give every agent's backbone Linear layers and LM head float16 weights (``Fp16Linear``) in place;
+    return ``system``. The agents must be float32 and on the CPU; a model shared by several agents is
+    packed once, and a head tied to the input embeddings keeps sharing their float32 weight."""
+    check_fp16_weight_support()
+    agents = list(system.agents.values())
+    if any(agent.device.type != "cpu" for agent in agents):
+        raise ConfigError(f"--dtype {FP16_WEIGHTS} runs on the CPU only; use --device cpu")
+    if any(agent.dtype != torch.float32 for agent in agents):
+        raise ConfigError(f"--dtype {FP16_WEIGHTS} packs float32 agents; load them in float32 first")
+    done: set[int] = set()
+    for agent in agents:
+        agent.fingerprint()  # taken from the float32 weights, as checkpoints and shipped links expect
+        if id(agent.model) not in done:
+            done.add(id(agent.model))
+            fp16_weight_model(agent.model, agent.backbone)
+    return system
+
+
+def fp16_weight_model(model: nn.Module, backbone: nn.Module) -> None:
+    """Replace ``model``'s backbone Linear layers and LM head by ``Fp16Linear`` in place, their blocks
+    (``fp16_blocks``) packed on ``torch.get_num_threads()`` threads (fbgemm packs a block on one thread)."""
+    linears = _quantized_linears(model, backbone)
+    blocks = {name: fp16_blocks(linear) for name, linear in linears.items()}
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        packed = iter(list(pool.map(lambda pack: pack(), [b for layer in blocks.values() for b in layer])))
+    for name, linear in linears.items():
+        _replace(model, name, Fp16Linear(linear, [next(packed) for _ in blocks[name]]))
+
+
+def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
+    parent, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(parent), attribute, layer)
+
+
 def quantize_model(
     model: nn.Module, backbone: nn.Module, cache_dir: Path | None = None, int4: bool = False
 ) -> None:
@@ -400,12 +522,12 @@ def quantize_model(
         if entry:
             _write_cache(*entry, quantized)
     for name, linear in linears.items():
-        parent, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(parent), attribute, quantized_linear(linear, quantized[name]))
+        _replace(model, name, quantized_linear(linear, quantized[name]))
 
 
 def _quantized_linears(model: nn.Module, backbone: nn.Module) -> dict[str, nn.Linear]:
-    """``{name in model: layer}`` for the Linear layers int8 replaces: the backbone's and the LM head."""
+    """``{name in model: layer}`` for the Linear layers int8 (and fp16w) replaces: the backbone's and the
+    LM head."""
     chosen = {id(m) for m in backbone.modules() if isinstance(m, nn.Linear)}
     head = model.get_output_embeddings()
     if isinstance(head, nn.Linear):
