@@ -1,4 +1,4 @@
-"""The default preset's end-to-end latent answer in float32, bfloat16 and int8 weight-only (issue 13 goal 2).
+"""The default preset's end-to-end latent answer in float32, bfloat16, int8 and fp16w (issue 13 goal 2).
 
     OMP_NUM_THREADS=1 python benchmarks/dtype_speed.py [--dtypes float32 bfloat16 int8] [--repeats 3]
                                                        [--questions 100] [--max-new-tokens 32]
@@ -14,7 +14,9 @@ is the reference of the speed ratios and of the agreement columns; it must be a 
 Speed: the first 1 and 8 questions of the relay task (level 1, held-out rows, ``eval --task relay:1``),
 greedy, ``--max-new-tokens`` tokens at most, timed per ``RecursiveMAS.run`` call. The dtypes run
 interleaved in ``--repeats`` rounds after a warm-up round, so their ratios to the reference come from calls
-seconds apart; figures are medians. Memory: the peak resident set (``VmHWM``; ``ru_maxrss`` would
+seconds apart; figures are medians. Load: seconds of ``load_system`` in this process, after the imports
+(warm: converted models and int8 caches already on disk; fp16w packs its weights in it). Memory: the
+peak resident set (``VmHWM``; ``ru_maxrss`` would
 carry the parent's over ``exec``) of a fresh process per
 dtype that loads the system and answers one batch of 8. Agreement: every dtype answers ``--questions``
 relay questions in batches of 8 (``INT8_MAX_ROWS``, so int8 steps take the int8 kernel); the share of
@@ -136,16 +138,17 @@ def agreement(rows: list[dict], reference: list[dict]) -> dict:
 def table(report: dict) -> str:
     lines = [
         f"| dtype | batch 1: s (x vs {report['reference']}) | batch 8: s (x vs {report['reference']}) | "
-        "peak RSS MiB | same text | "
+        "load s | peak RSS MiB | same text | "
         "same answer | relay:1 accuracy (95% CI; distinct answers) |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in report["dtypes"].items():
         cells = [f"{row['median_s'][str(b)]:.2f} (x{row['speedup'][str(b)]:.2f})" for b in BATCHES]
         agree = row["agreement"]
         low, high = agree["accuracy_ci95"]
         lines.append(
-            f"| {name} | {' | '.join(cells)} | {row['peak_rss_mib']:.0f} | {agree['same_text_pct']:.0f}% | "
+            f"| {name} | {' | '.join(cells)} | {row.get('load_s', float('nan')):.1f} | "
+            f"{row['peak_rss_mib']:.0f} | {agree['same_text_pct']:.0f}% | "
             f"{agree['same_answer_pct']:.0f}% | {agree['accuracy_pct']:.0f}% ({low:.0f}-{high:.0f}; "
             f"{agree['distinct_answers']}) |"
         )
@@ -167,7 +170,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
     task = load_task("relay:1", limit=args.questions)
-    systems = {d: load_variant(d) for d in args.dtypes}
+    systems, load_s = {}, {}
+    for d in args.dtypes:  # in this process: the imports are paid before the first, not in its time
+        start = time.perf_counter()
+        systems[d] = load_variant(d)
+        load_s[d] = time.perf_counter() - start
     with torch.inference_mode():
         times = speed(systems, task, gen, args.repeats)
         outputs = {d: answers(s, task, args.questions, gen) for d, s in systems.items()}
@@ -188,6 +195,7 @@ def main() -> None:
         medians = {b: statistics.median(times[name][b]) for b in BATCHES}
         report["dtypes"][name] = {
             "agent_dtype": agent_dtypes[name],
+            "load_s": load_s[name],
             "times_s": {str(b): times[name][b] for b in BATCHES},
             "median_s": {str(b): medians[b] for b in BATCHES},
             "speedup": {str(b): base[b] / medians[b] for b in BATCHES},
