@@ -1,7 +1,7 @@
 """Roofline of the one-position steps: measured time vs the time to stream the bytes a step must read.
 
     python benchmarks/roofline.py [--models smollm2-135m gemma3-270m] [--batches 1 4 16]
-                                  [--dtype float32|bfloat16|int8|int4] [--prompt-tokens 64] [--steps 16]
+                                  [--dtype float32|bfloat16|int8|int4|fp16w] [--prompt-tokens 64] [--steps 16]
                                   [--rollouts 4] [--quick] [--output FILE]
 
 Bandwidth: best of several ``dst.copy_(src)`` of 1 GiB float32 with torch's default threads, counted as
@@ -33,7 +33,8 @@ the same layers, one embedding row per batch row, the LM head (with tied embeddi
 matrix, counted once) and the KV cache. Activations are not counted. With ``--dtype int8`` (the CPU
 default) or ``int4`` (``recursivemas.quantize``), the model loads in ``low_bit_agent_dtype()`` (bfloat16 on
 CPUs with bfloat16 units, else float32), and the layers' Linears and the LM head read their int8 or int4
-weights and bfloat16 scales up to ``INT8_MAX_ROWS`` rows and their loaded weights beyond.
+weights and bfloat16 scales up to ``INT8_MAX_ROWS`` rows and their loaded weights beyond. With ``--dtype
+fp16w`` the model loads in float32 and they read float16 weights (``quantize.Fp16Linear``) at any batch.
 Writes ``--output`` (default ``results/roofline.json``, ``roofline-<dtype>.json`` for other dtypes, ``-quick``
 with ``--quick``) and prints a Markdown table.
 """
@@ -56,8 +57,9 @@ from recursivemas.cache import cache_kwargs, cache_length, new_cache
 from recursivemas.fast_step import FastSteps
 from recursivemas.fast_step import _linear as step_linear  # the projection FastSteps calls
 from recursivemas.links import InnerLink, LinkConfig
+from recursivemas.loading import agent_dtype
 from recursivemas.models.bundled import BUNDLED
-from recursivemas.quantize import LowBitLinear, low_bit_agent_dtype, quantize_model
+from recursivemas.quantize import FP16_WEIGHTS, LowBitLinear, fp16_weight_model, quantize_model
 
 RESULTS = Path(__file__).parent / "results"
 GiB = 2**30
@@ -84,7 +86,8 @@ def step_bytes(module: torch.nn.Module, rows: int) -> int:
     tensors: dict[int, torch.Tensor] = {}
     for m in module.modules():
         read = m.read_tensors(rows) if isinstance(m, LowBitLinear) else list(m.parameters(recurse=False))
-        tensors.update((t.data_ptr(), t) for t in read)
+        # keyed by storage; stand-ins on the meta device (``Fp16Linear``'s packed weight) have none
+        tensors.update((id(t) if t.is_meta else t.data_ptr(), t) for t in read)
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
@@ -221,11 +224,11 @@ def rest_of_step(
 def measure(spec: str, args: argparse.Namespace, gbps: float) -> list[dict]:
     """Rows of one model: latent and decode steps at each batch size."""
     low_bit, int4 = args.dtype in ("int8", "int4"), args.dtype == "int4"
-    agent = Agent.from_pretrained(
-        spec, "agent", dtype=low_bit_agent_dtype() if low_bit else getattr(torch, args.dtype)
-    )
+    agent = Agent.from_pretrained(spec, "agent", dtype=agent_dtype(args.dtype))
     if low_bit:
         quantize_model(agent.model, agent.backbone, int4=int4)
+    elif args.dtype == FP16_WEIGHTS:
+        fp16_weight_model(agent.model, agent.backbone)
     d, elem = agent.hidden_size, agent.dtype.itemsize
     link = InnerLink(LinkConfig("agent", "inner", d, d, residual_proj=True, rescale_norm=1.0))
     emb, head = agent.model.get_input_embeddings(), agent.model.get_output_embeddings()
@@ -276,7 +279,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(BUNDLED))
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8", "int4"]
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8", "int4", FP16_WEIGHTS]
     )
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--steps", type=int, default=16, help="timed one-position steps per rollout")

@@ -1,5 +1,5 @@
-"""Low-bit weight-only quantisation of the agents' transformer layers and LM heads, for CPUs: ``--dtype
-int8`` (the CPU default) and ``--dtype int4``.
+"""Weight-only quantisation of the agents' transformer layers and LM heads, for CPUs: ``--dtype int8``
+(the CPU default), ``--dtype int4`` and ``--dtype fp16w`` (at the end).
 
 Every ``nn.Linear`` inside an agent's backbone (the attention and MLP projections), and its LM head,
 becomes an ``Int8Linear``, or with ``--dtype int4`` an ``Int4Linear`` where that is as exact
@@ -36,6 +36,13 @@ answer of the default preset (``benchmarks/results/RESULTS.md``, dtype and quant
 torchao's ``Int8WeightOnlyConfig`` (0.18) and torch's ``quantize_dynamic`` were measured first: the former
 is slower than float32 on these CPUs, eager or compiled; the latter (int8 activations too) is fast but
 breaks the default preset's answers.
+
+``--dtype fp16w`` (``Fp16Linear``, ``fp16_weight_agents``) keeps float32 agents and activations and
+rounds only the same layers' weights to float16, multiplied by fbgemm's float16 GEMM (the kernel of torch's
+``quantize_dynamic(..., dtype=torch.float16)``) at every row count. Its error is float16's (0.03%), not
+int8's (1%), and on CPUs without bfloat16 units, where torch's int8 kernel is compute-bound, it is at least
+as fast as int8 once loaded; but fbgemm's packed weights cannot be cached, so every load packs them
+(about 2.5 s for the default preset on two threads).
 """
 
 from __future__ import annotations
@@ -172,7 +179,7 @@ class LowBitLinear(nn.Module):
     """A frozen ``nn.Linear`` computing in its weight's dtype (``LOW_BIT_AGENT_DTYPES``): low-bit weights
     (``_product``) for up to ``INT8_MAX_ROWS`` rows, its own weight (the one it was loaded with, shared)
     for more. The low-bit kernels take bfloat16 inputs; a float32 layer casts its input to bfloat16 for them
-    and their output back."""
+    and their output back. (``Fp16Linear`` picks no kernel by rows: it overrides ``step_op``.)"""
 
     form = ""
 
