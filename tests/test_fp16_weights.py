@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from recursivemas import quantize
+from recursivemas import loading, quantize
 from recursivemas.agent import Agent
 from recursivemas.cli import main
 from recursivemas.errors import ConfigError
@@ -125,3 +125,29 @@ def test_cli_runs_with_dtype_fp16w(capsys):
     args = ["run", "--preset", "tiny-random", "What is 2+2?", "--dtype", FP16_WEIGHTS, "--rounds", "1"]
     assert main([*args, "--latent-steps", "2", "--max-new-tokens", "3"]) == 0
     assert f"({FP16_WEIGHTS} on cpu)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "asked, resolved, native, tip",
+    [
+        ("auto", "int8", False, True),
+        ("int8", "int8", False, False),  # asked for by name: no advice
+        ("auto", "int8", True, False),  # bfloat16 units: int8 over bfloat16 agents is the fast choice
+        ("auto", "float32", False, False),
+    ],
+)
+def test_auto_int8_on_cpus_without_bfloat16_units_suggests_fp16w(monkeypatch, asked, resolved, native, tip):
+    monkeypatch.setattr(loading, "native_bfloat16", lambda: native)
+    advice = loading.dtype_tip(asked, resolved)
+    assert (advice is not None) == tip
+    assert advice is None or f"--dtype {FP16_WEIGHTS}" in advice
+
+
+def test_load_system_prints_the_dtype_tip(monkeypatch, capsys):
+    monkeypatch.setattr(loading, "native_bfloat16", lambda: False)
+    monkeypatch.setattr(quantize, "native_bfloat16", lambda: False)
+    load_system("tiny-random", None, "auto", "cpu")
+    assert (
+        f"recursivemas: tip: this CPU has no bfloat16 units: --dtype {FP16_WEIGHTS}"
+        in capsys.readouterr().err
+    )

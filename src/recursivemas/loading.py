@@ -15,9 +15,11 @@ from recursivemas.quantize import (
     check_fp16_weight_support,
     check_int8_support,
     fp16_weight_agents,
+    has_fp16_weight_kernel,
     has_int8_kernel,
     int8_cache_dir,
     low_bit_agent_dtype,
+    native_bfloat16,
     quantize_agents,
 )
 from recursivemas.system import RecursiveMAS
@@ -113,7 +115,7 @@ def load_system(
     if checkpoint and init:
         raise ConfigError("--init applies to presets; a checkpoint brings its own links")
     device = resolve_device(device)
-    dtype_name = resolve_dtype(dtype_name, device)
+    asked, dtype_name = dtype_name, resolve_dtype(dtype_name, device)
     if dtype_name in CPU_ONLY:  # checked before loading anything
         if torch.device(device).type != "cpu":
             raise ConfigError(
@@ -137,10 +139,23 @@ def load_system(
         system = quantize_agents(system, cache_dir=int8_cache_dir(), int4=dtype_name == "int4")
     system.set_step_config(StepConfig(compile=compile))
     print(f"recursivemas: loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
-    tip = compile_tip(device, compile)
-    if tip:
-        print(f"recursivemas: tip: {tip}", file=sys.stderr, flush=True)
+    for tip in (compile_tip(device, compile), dtype_tip(asked, dtype_name)):
+        if tip:
+            print(f"recursivemas: tip: {tip}", file=sys.stderr, flush=True)
     return system
+
+
+def dtype_tip(asked: str, dtype_name: str) -> str | None:
+    """Advice for ``--dtype auto`` resolved to int8 on a CPU without bfloat16 units (AVX2 only), where
+    torch's int8 kernel is compute-bound: ``fp16w`` answers as float32 does, as fast once loaded
+    (``benchmarks/results/RESULTS.md``, "fp16w")."""
+    if (asked, dtype_name) != (AUTO, "int8") or native_bfloat16() or not has_fp16_weight_kernel():
+        return None
+    return (
+        f"this CPU has no bfloat16 units: --dtype {FP16_WEIGHTS} gives float32's answers (int8's differ on "
+        "about 1 question in 10), as fast as int8 at batch 1 and faster in batches, for about 2.5 s more "
+        "loading and 1.5 GB more memory; worth it for eval and serve"
+    )
 
 
 def compile_tip(device: str, compile: bool) -> str | None:
