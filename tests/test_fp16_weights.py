@@ -124,7 +124,8 @@ def test_fp16w_steps_follow_transformers(arch):
 def test_cli_runs_with_dtype_fp16w(capsys):
     args = ["run", "--preset", "tiny-random", "What is 2+2?", "--dtype", FP16_WEIGHTS, "--rounds", "1"]
     assert main([*args, "--latent-steps", "2", "--max-new-tokens", "3"]) == 0
-    assert f"({FP16_WEIGHTS} on cpu)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"({FP16_WEIGHTS} on cpu)" in err and "(agents in float32)" in err
 
 
 @pytest.mark.parametrize(

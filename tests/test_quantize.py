@@ -192,7 +192,9 @@ def test_int8_head_gives_strided_last_positions_the_contiguous_result(int8_syste
 def test_cli_runs_with_dtype_int8_and_int4(capsys, dtype):
     args = ["run", "--preset", "tiny-random", "What is 2+2?", "--dtype", dtype, "--rounds", "1"]
     assert main([*args, "--latent-steps", "2", "--max-new-tokens", "3"]) == 0
-    assert f"({dtype} on cpu)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"({dtype} on cpu)" in err
+    assert f"(agents in {models.dtype_name(quantize.low_bit_agent_dtype())})" in err
 
 
 @pytest.mark.parametrize("rows", [1, INT8_MAX_ROWS, INT8_MAX_ROWS + 1])

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from recursivemas import models
 from recursivemas.agent import StepConfig
 from recursivemas.errors import ConfigError
 from recursivemas.presets import DEFAULT_PRESET, build_preset
@@ -138,7 +139,10 @@ def load_system(
     elif dtype_name in QUANTIZED:
         system = quantize_agents(system, cache_dir=int8_cache_dir(), int4=dtype_name == "int4")
     system.set_step_config(StepConfig(compile=compile))
-    print(f"recursivemas: loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+    seconds = time.perf_counter() - start
+    # the weight-only forms keep embeddings, norms and attention in a dtype their name does not say
+    agents = f" (agents in {models.dtype_name(dtype)})" if dtype_name in CPU_ONLY else ""
+    print(f"recursivemas: loaded in {seconds:.1f}s{agents}", file=sys.stderr, flush=True)
     for tip in (compile_tip(device, compile), dtype_tip(asked, dtype_name)):
         if tip:
             print(f"recursivemas: tip: {tip}", file=sys.stderr, flush=True)
