@@ -9,7 +9,7 @@ runs one more server at concurrency ``--soak-concurrency`` for that long and rep
 
     python benchmarks/serve_load.py [--preset smollm2-gemma3] [--concurrency 1,4,16] [--requests 48]
                                     [--batch-sizes 8,1] [--max-tokens 64] [--mode latent]
-                                    [--rounds R] [--latent-steps M] [--soak-seconds 600]
+                                    [--rounds R] [--latent-steps M] [--soak-seconds 600] [--dtype float32]
 
 Writes benchmarks/results/serve_load-<preset>.json and prints a Markdown table.
 """
@@ -73,14 +73,16 @@ def percentile(values: list[float], q: float) -> float:
 class Server:
     """``python -m recursivemas.serve`` as a child process on a free port, stopped with SIGTERM."""
 
-    def __init__(self, preset: str, max_batch_size: int, max_wait_ms: float, max_tokens: int) -> None:
+    def __init__(
+        self, preset: str, max_batch_size: int, max_wait_ms: float, max_tokens: int, dtype: str = "float32"
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [
             sys.executable, "-m", "recursivemas.serve", "--preset", preset, "--port", str(self.port),
             "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms),
             "--max-queue", "1024", "--max-tokens-limit", str(max(max_tokens, 1024)),
-            "--dtype", "float32",  # as the committed figures ran (the server's CPU default is int8)
+            "--dtype", dtype,  # float32 by default, as the committed figures ran (the server's is auto)
         ]  # fmt: skip
         env = {**os.environ, "RECURSIVEMAS_API_KEY": KEY}
         self.proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -175,7 +177,7 @@ def measure(server: Server, prompts: list[str], concurrency: int, body: dict, ma
 
 def soak(args: argparse.Namespace, body: dict) -> dict:
     """Concurrency ``--soak-concurrency`` for ``--soak-seconds`` on a batching server: errors and RSS."""
-    server = Server(args.preset, args.batch_sizes[0], args.max_wait_ms, args.max_tokens)
+    server = Server(args.preset, args.batch_sizes[0], args.max_wait_ms, args.max_tokens, args.dtype)
     try:
         server.wait_ready()
         asyncio.run(drive(server.url, questions(4), args.soak_concurrency, body))  # warm up
@@ -223,6 +225,7 @@ def main() -> None:
     parser.add_argument("--latent-steps", type=int)
     parser.add_argument("--soak-seconds", type=float, default=0.0, help="0: no soak")
     parser.add_argument("--soak-concurrency", type=int, default=4)
+    parser.add_argument("--dtype", default="float32", help="the servers' --dtype (their own default: auto)")
     parser.add_argument("--output", type=Path, help="default: results/serve_load-<preset>.json")
     args = parser.parse_args()
     args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
@@ -233,7 +236,7 @@ def main() -> None:
     levels: list[Level] = []
     exit_codes = {}
     for max_batch_size in args.batch_sizes:
-        server = Server(args.preset, max_batch_size, args.max_wait_ms, args.max_tokens)
+        server = Server(args.preset, max_batch_size, args.max_wait_ms, args.max_tokens, args.dtype)
         try:
             server.wait_ready()
             asyncio.run(drive(server.url, questions(2), 1, body))  # warm up
