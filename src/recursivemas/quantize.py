@@ -239,8 +239,8 @@ class Fp16Linear(LowBitLinear):
     (``torch.ops.quantized.linear_dynamic_fp16``), which widens the packed float16 weight to float32 in
     registers. Float32 rows in and out, float32 arithmetic, half float32's bytes read. Rounding a weight to
     float16 costs about 0.03% relative error (int8: 1%); an AVX2-only CPU multiplies faster than in
-    float32 at every row count (SmolLM2's 210 layers, 2 threads: 12-16 ms against 28 ms at 1 row, 19-20
-    against 43 at 8, 85 against 108 at 64; ``benchmarks/results/RESULTS.md``).
+    float32 at every row count (SmolLM2's 210 layers, 2 threads: 12.7 ms against 26.9 ms at 1 row, 19.3
+    against 53.0 at 8, 88.2 against 135.3 at 64; ``benchmarks/linear_kernels.py``, ``results/RESULTS.md``).
 
     The packed weight is fbgemm's own object, not a tensor: it cannot be saved (torch saves it as the
     float32 weight), so every load packs again, at about 50-100M weights a second on one thread. It is
@@ -460,24 +460,13 @@ def quantize_agents(system: RecursiveMAS, cache_dir: Path | None = None, int4: b
     Only pass ``cache_dir`` for weights as they were loaded (``load_system`` does).
     """
     check_int8_support(int4)
-    agents = list(system.agents.values())
     dtype_name = "int4" if int4 else "int8"
-    if any(agent.device.type != "cpu" for agent in agents):
-        raise ConfigError(
-            f"--dtype {dtype_name} runs on the CPU only; use --device cpu (or bfloat16 on a GPU)"
-        )
-    if any(agent.dtype not in LOW_BIT_AGENT_DTYPES for agent in agents):
+    if any(agent.dtype not in LOW_BIT_AGENT_DTYPES for agent in system.agents.values()):
         raise ConfigError(
             f"--dtype {dtype_name} quantises bfloat16 or float32 agents; load them in one of those first "
             "(quantize.low_bit_agent_dtype() picks the faster on this CPU)"
         )
-    done: set[int] = set()
-    for agent in agents:
-        agent.fingerprint()  # cached before the weights change
-        if id(agent.model) not in done:
-            done.add(id(agent.model))
-            quantize_model(agent.model, agent.backbone, cache_dir, int4)
-    return system
+    return _replace_in_models(system, dtype_name, partial(quantize_model, cache_dir=cache_dir, int4=int4))
 
 
 def fp16_weight_agents(system: RecursiveMAS) -> RecursiveMAS:
@@ -485,17 +474,28 @@ def fp16_weight_agents(system: RecursiveMAS) -> RecursiveMAS:
     return ``system``. The agents must be float32 and on the CPU; a model shared by several agents is
     packed once, and a head tied to the input embeddings keeps sharing their float32 weight."""
     check_fp16_weight_support()
+    if any(agent.dtype != torch.float32 for agent in system.agents.values()):
+        raise ConfigError(f"--dtype {FP16_WEIGHTS} packs float32 agents; load them in float32 first")
+    return _replace_in_models(system, FP16_WEIGHTS, fp16_weight_model)
+
+
+def _replace_in_models(
+    system: RecursiveMAS, dtype_name: str, replace: Callable[[nn.Module, nn.Module], None]
+) -> RecursiveMAS:
+    """``replace(model, backbone)`` once per distinct model of ``system``'s agents (which must be on the
+    CPU, as ``--dtype dtype_name`` needs), after every agent's fingerprint is taken (and cached) from the
+    weights as loaded, which checkpoints and shipped links expect; return ``system``."""
     agents = list(system.agents.values())
     if any(agent.device.type != "cpu" for agent in agents):
-        raise ConfigError(f"--dtype {FP16_WEIGHTS} runs on the CPU only; use --device cpu")
-    if any(agent.dtype != torch.float32 for agent in agents):
-        raise ConfigError(f"--dtype {FP16_WEIGHTS} packs float32 agents; load them in float32 first")
+        raise ConfigError(
+            f"--dtype {dtype_name} runs on the CPU only; use --device cpu (or bfloat16 on a GPU)"
+        )
     done: set[int] = set()
     for agent in agents:
-        agent.fingerprint()  # taken from the float32 weights, as checkpoints and shipped links expect
+        agent.fingerprint()  # cached before the weights change
         if id(agent.model) not in done:
             done.add(id(agent.model))
-            fp16_weight_model(agent.model, agent.backbone)
+            replace(agent.model, agent.backbone)
     return system
 
 
@@ -503,11 +503,12 @@ def fp16_weight_model(model: nn.Module, backbone: nn.Module) -> None:
     """Replace ``model``'s backbone Linear layers and LM head by ``Fp16Linear`` in place, their blocks
     (``fp16_blocks``) packed on ``torch.get_num_threads()`` threads (fbgemm packs a block on one thread)."""
     linears = _quantized_linears(model, backbone)
-    blocks = {name: fp16_blocks(linear) for name, linear in linears.items()}
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-        packed = iter(list(pool.map(lambda pack: pack(), [b for layer in blocks.values() for b in layer])))
-    for name, linear in linears.items():
-        _replace(model, name, Fp16Linear(linear, [next(packed) for _ in blocks[name]]))
+        packing = {
+            name: [pool.submit(pack) for pack in fp16_blocks(linear)] for name, linear in linears.items()
+        }
+        for name, linear in linears.items():
+            _replace(model, name, Fp16Linear(linear, [block.result() for block in packing[name]]))
 
 
 def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
