@@ -6,10 +6,12 @@
 
 Systems come from ``load_system`` as ``recursivemas run --dtype D`` builds them (the default preset, its
 trained links, its rounds and latent steps; links float32 in every case), on ``--threads`` threads
-(default one); a ``D+compile`` entry (``int8+compile``) adds ``--compile``, whose compilation falls in the
-untimed warm-up round, and a ``D+transformers`` entry runs every one-position step as a ``model(...)``
-call (``StepConfig(fast=False)``, the library's only path before ``fast_step.FastSteps``). The first entry
-is the reference of the speed ratios and of the agreement columns; it must be a float32 one.
+(default one). Flags after a ``+`` change how it runs: ``+compile`` (``int8+compile``) adds ``--compile``,
+whose compilation falls in the untimed warm-up round; ``+transformers`` runs every one-position step as a
+``model(...)`` call (``StepConfig(fast=False)``, the library's only path before ``fast_step.FastSteps``);
+``+whole`` runs every prompt pass whole (``StepConfig(reuse_prefixes=False)``, the library before
+``cache.PromptPrefixes``); ``float32+transformers+whole`` is the library before both. The first entry is
+the reference of the speed ratios and of the agreement columns; it must be a float32 one.
 
 Speed: the first 1 and 8 questions of the relay task (level 1, held-out rows, ``eval --task relay:1``),
 greedy, ``--max-new-tokens`` tokens at most, timed per ``RecursiveMAS.run`` call. The dtypes run
@@ -28,6 +30,7 @@ final texts and of extracted answers identical to the reference's, and each dtyp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -37,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from recursivemas.agent import GenerationConfig, StepConfig
+from recursivemas.agent import GenerationConfig
 from recursivemas.eval.harness import wilson_interval
 from recursivemas.eval.tasks import Task, load_task
 from recursivemas.loading import AUTO, DTYPE_CHOICES, load_system
@@ -47,11 +50,22 @@ from recursivemas.system import RecursiveMAS
 
 RESULTS = Path(__file__).parent / "results"
 BATCHES = (1, 8)
-COMPILED, TRANSFORMERS = "compile", "transformers"
+COMPILED, TRANSFORMERS, WHOLE = "compile", "transformers", "whole"
 DTYPES = [d for d in DTYPE_CHOICES if d != AUTO]  # named as they run: auto is int8 here
-VARIANTS = [*DTYPES, *(f"{d}+{f}" for f in (COMPILED, TRANSFORMERS) for d in DTYPES)]
-"""``--dtypes`` values: every ``--dtype``, alone, with ``--compile`` (``int8+compile``) or with
-transformers' forward for every step (``float32+transformers``)."""
+FLAGS = (COMPILED, TRANSFORMERS, WHOLE)
+
+
+def parse_variant(text: str) -> str:
+    """A ``--dtypes`` value: a ``--dtype`` (not auto) and any of ``FLAGS`` after ``+`` signs
+    (``float32+transformers+whole``)."""
+    dtype, *flags = text.split("+")
+    if dtype not in DTYPES or any(f not in FLAGS for f in flags) or len(set(flags)) < len(flags):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a dtype ({', '.join(DTYPES)}), then any of +{', +'.join(FLAGS)} once each"
+        )
+    return text
+
+
 AGREEMENT_BATCH = INT8_MAX_ROWS
 """Agreement batches are small enough that int8's one-position steps take the int8 kernel, as a batch-1
 answer's do (larger batches multiply by the loaded weights: they would measure bfloat16's or float32's
@@ -59,11 +73,15 @@ answers)."""
 
 
 def load_variant(variant: str) -> RecursiveMAS:
-    """The default preset in ``variant``: a ``--dtype`` value, with ``+compile`` for ``--compile``, with
-    ``+transformers`` for ``StepConfig(fast=False)``."""
-    dtype, _, flag = variant.partition("+")
-    system = load_system(None, None, dtype, "cpu", compile=flag == COMPILED)
-    return system.set_step_config(StepConfig(fast=False)) if flag == TRANSFORMERS else system
+    """The default preset in ``variant``: a ``--dtype`` value, with ``+compile`` for ``--compile``,
+    ``+transformers`` for ``StepConfig(fast=False)``, ``+whole`` for ``StepConfig(reuse_prefixes=False)``."""
+    dtype, *flags = variant.split("+")
+    system = load_system(None, None, dtype, "cpu", compile=COMPILED in flags)
+    if TRANSFORMERS in flags or WHOLE in flags:
+        step = system.agents[next(iter(system.agents))].step_config
+        changed = {"fast": TRANSFORMERS not in flags, "reuse_prefixes": WHOLE not in flags}
+        system.set_step_config(dataclasses.replace(step, **changed))
+    return system
 
 
 def inputs(task: Task, n: int) -> list[dict]:
@@ -157,7 +175,7 @@ def table(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "int8"], choices=VARIANTS)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "int8"], type=parse_variant)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--questions", type=int, default=100)
     parser.add_argument("--max-new-tokens", type=int, default=32)

@@ -30,7 +30,7 @@ import torch
 from transformers import CompileConfig, PreTrainedModel
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from recursivemas.cache import cache_kwargs, new_cache, step_mask
+from recursivemas.cache import PromptPrefixes, cache_kwargs, new_cache, step_mask
 from recursivemas.errors import ConfigError, NonFiniteLatentError, PromptTooLongError
 from recursivemas.fast_step import FastSteps
 from recursivemas.links import InnerLink
@@ -124,6 +124,10 @@ class StepConfig:
             layers without transformers' per-forward masks, cache growth and wrappers; a batch-1 step
             takes about a fifth less time on a CPU) where ``FastSteps.supports`` the model and gradients
             are off; ``False``: every step is a ``model(...)`` call.
+        reuse_prefixes: when ``think`` or ``decode`` get a ``PromptPrefixes`` (``RecursiveMAS.run`` gives one
+            per batch), a prompt pass whose first columns equal the agent's previous prompt pass's runs only
+            the columns after them, over a cache holding theirs (with gradients off and a dynamic cache);
+            ``False``: every prompt pass runs whole.
     """
 
     static_cache: bool = False
@@ -132,6 +136,7 @@ class StepConfig:
     compile_backend: str = "inductor"
     cache_bucket: int = 256
     fast: bool = True
+    reuse_prefixes: bool = True
 
     def __post_init__(self) -> None:
         if self.cache_bucket < 1:
@@ -403,18 +408,26 @@ class Agent:
 
     # --- latent thoughts -------------------------------------------------------------------------
 
-    def think(self, batch: PromptBatch, steps: int, inner: InnerLink, round_: int = 0) -> Thoughts:
+    def think(
+        self,
+        batch: PromptBatch,
+        steps: int,
+        inner: InnerLink,
+        round_: int = 0,
+        prefixes: PromptPrefixes | None = None,
+    ) -> Thoughts:
         """KV-cached latent rollout of ``steps`` steps (SPEC §3).
 
         Step k feeds ``e_{k-1} = R_in(h_{k-1})`` (the prompt for k = 1), takes the last-layer hidden
         state ``h_k`` at the last position and keeps ``e_k = R_in(h_k)``. Costs one prompt pass plus
-        ``steps - 1`` single-position passes (run as ``step_config`` says).
+        ``steps - 1`` single-position passes (run as ``step_config`` says). With ``prefixes`` (one run's),
+        the prompt pass skips the columns it shares with this agent's previous one.
 
         Returns ``Thoughts`` with hidden (B, m, d) in the model dtype and embeds (B, m, d) in the link's
         dtype (float32 unless the link was cast).
         """
         self.check_fits(batch, steps, "latent steps")
-        forwards = _Forwards(self, self.backbone, batch, steps - 1, _last_hidden)
+        forwards = _Forwards(self, self.backbone, batch, steps - 1, _last_hidden, prefixes)
         h = forwards.prompt(batch.embeds)  # (B, d) at the last prompt position
         hidden, embeds = [h], [inner(h)]  # embeds in the link's dtype
         for _ in range(steps - 1):
@@ -464,6 +477,7 @@ class Agent:
         gen: GenerationSettings,
         seeds: Sequence[int] | None = None,
         on_token: TokenCallback | None = None,
+        prefixes: PromptPrefixes | None = None,
     ) -> Decoded:
         """Generate text from a spliced prompt batch with a KV cache.
 
@@ -472,6 +486,7 @@ class Agent:
         generator seeded by ``seeds[i]`` (default: ``row_seeds``), so a row's text does not depend on the
         batch it ran in or on the other rows' settings. Each row stops at an EOS token (counted) or at its
         own ``max_new_tokens``. ``on_token`` (see ``TokenCallback``) streams each row's text as it grows.
+        With ``prefixes``, the prompt pass skips the columns it shares with this agent's previous one.
         """
         start = time.perf_counter()
         bsz = batch.embeds.shape[0]
@@ -483,7 +498,9 @@ class Agent:
         ]
         eos = torch.tensor(self.eos_ids or [-1], device=self.device)
         last_step = torch.tensor(limits, device=self.device)  # (B,) a row is done after this many tokens
-        forwards = _Forwards(self, self.model, batch, max(limits) - 1, _last_logits, logits_to_keep=1)
+        forwards = _Forwards(
+            self, self.model, batch, max(limits) - 1, _last_logits, prefixes, logits_to_keep=1
+        )
         logits = forwards.prompt(batch.embeds)  # (B, V) float32
         done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
         so_far: list[list[int]] = [[] for _ in range(bsz)]  # each row's tokens before EOS, for on_token
@@ -648,7 +665,8 @@ class _Forwards:
 
     ``module`` is the backbone (latent steps) or the causal LM (decode steps); ``steps`` bounds the
     one-position steps after the prompt (it sizes a static cache); ``last`` picks the (B, ...) output at
-    the last position; ``kwargs`` go to every forward (``logits_to_keep``).
+    the last position; ``prefixes`` (``PromptPrefixes``) lets the prompt pass start after the columns it
+    shares with the agent's previous one; ``kwargs`` go to every forward (``logits_to_keep``).
     """
 
     def __init__(
@@ -658,11 +676,14 @@ class _Forwards:
         batch: PromptBatch,
         steps: int,
         last: Callable[[Any], torch.Tensor],
+        prefixes: PromptPrefixes | None = None,
         **kwargs: Any,
     ) -> None:
         config = agent.step_config
         self.module, self.last, self.static, self.compiled = module, last, config.static, config.compile
-        self.steps = steps
+        self.steps, self.model, self.key = steps, agent.model, agent.name
+        reuse = config.reuse_prefixes and not config.static and not torch.is_grad_enabled()
+        self.prefixes = prefixes if reuse else None
         length = config.cache_length(batch.mask.shape[1] + steps) if config.static else None
         self.cache = new_cache(agent.model, length)
         self.kwargs = {**cache_kwargs(module, self.cache), **kwargs}
@@ -674,10 +695,20 @@ class _Forwards:
         self.use_fast = config.fast and not config.static and FastSteps.supports(agent.model)
 
     def prompt(self, embeds: torch.Tensor) -> torch.Tensor:
-        """Run the (B, T, d) prompt embeddings (always eager) -> the output at its last position."""
+        """Run the (B, T, d) prompt embeddings (always eager) -> the output at its last position. With
+        prefixes, only columns ``shared``.. run, over a cache holding the first ``shared``."""
+        shared = self.prefixes.shared(self.key, embeds, self.mask) if self.prefixes is not None else 0
+        if shared:
+            self.cache = self.prefixes.cache(self.key, self.model, shared)
+            self.kwargs = {**self.kwargs, **cache_kwargs(self.module, self.cache)}
         out = self.module(
-            inputs_embeds=embeds, attention_mask=self.mask, position_ids=self.pos, **self.kwargs
+            inputs_embeds=embeds[:, shared:],  # (B, T - shared, d)
+            attention_mask=self.mask,  # (B, T): the cached columns' and the new ones'
+            position_ids=self.pos[:, shared:],
+            **self.kwargs,
         )
+        if self.prefixes is not None:
+            self.prefixes.keep(self.key, embeds, self.mask, self.cache)
         if self.use_fast and not torch.is_grad_enabled():  # FastSteps writes its buffers in place
             self.fast = FastSteps(self.backbone, self.cache, self.mask, self.pos, self.steps, self.head)
             self.cache, self.kwargs = None, {}  # FastSteps holds its own copy of the keys and values

@@ -7,6 +7,7 @@ layer classes changed); everything version-dependent lives here.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -57,3 +58,61 @@ def cache_layers(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor, int | N
     (``None`` for a full layer; a sliding-window layer holds only its last ``window - 1`` positions, and
     what it drops is invisible to later steps, whatever the attention layer's own window)."""
     return [(layer.keys, layer.values, getattr(layer, "sliding_window", None)) for layer in cache.layers]
+
+
+@dataclass
+class _Prompt:
+    """One prompt pass: its inputs and the keys and values it left in its cache."""
+
+    embeds: torch.Tensor  # (B, T, d)
+    mask: torch.Tensor  # (B, T)
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (B, H_kv, T, D) keys, values
+
+
+class PromptPrefixes:
+    """The last prompt pass of each agent in one run, so that the agent's next prompt pass that begins with
+    the same columns runs only the columns after them (prefix caching).
+
+    Within a run an agent's prompts repeat: every round renders the same system prompt, private notes and
+    question before the slot where a message arrives, and left padding keeps those columns in place across
+    rounds (what follows the slot has the same length every round). ``shared`` finds the columns of a new
+    (B, T, d) prompt that equal the last one's exactly (embeddings and padding mask, every row); the prompt
+    pass then starts from ``cache`` (a dynamic cache holding their keys and values) and runs the other
+    columns. Outputs equal a whole pass up to float rounding (the products see fewer rows).
+
+    A pass is remembered (``keep``) by reference to its cache's tensors, which dynamic caches never write
+    in place (they grow by concatenation); a cache whose sliding-window layers dropped positions is not.
+    One object lives for one batch of a run (``RecursiveMAS.run``), while the weights cannot change.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, _Prompt] = {}
+
+    def shared(self, key: str, embeds: torch.Tensor, mask: torch.Tensor) -> int:
+        """How many leading columns of the (B, T, d) ``embeds`` and (B, T) ``mask`` equal those of ``key``'s
+        last prompt in every row; at most T - 1, since the last column's output is always computed."""
+        last = self._last.get(key)
+        if last is None or last.embeds.shape[0] != embeds.shape[0] or last.embeds.dtype != embeds.dtype:
+            return 0
+        n = min(last.embeds.shape[1], embeds.shape[1] - 1)
+        same = (last.embeds[:, :n] == embeds[:, :n]).all(-1).all(0)  # (n,) column equal in every row
+        same &= (last.mask[:, :n] == mask[:, :n]).all(0)
+        differ = (~same).nonzero()  # (k, 1)
+        return int(differ[0, 0]) if differ.shape[0] else n
+
+    def cache(self, key: str, model: PreTrainedModel, columns: int) -> Cache:
+        """A new dynamic cache for ``model`` holding the keys and values of the first ``columns`` columns
+        of ``key``'s last prompt."""
+        cache = new_cache(model)
+        for i, (keys, values) in enumerate(self._last[key].layers):
+            cache.update(keys[:, :, :columns], values[:, :, :columns], i)
+        return cache
+
+    def keep(self, key: str, embeds: torch.Tensor, mask: torch.Tensor, cache: Cache) -> None:
+        """Remember the dynamic ``cache`` a prompt pass of ``embeds`` (B, T, d) and ``mask`` (B, T) filled
+        as ``key``'s last prompt, unless one of its layers holds fewer than T positions."""
+        layers = [(keys, values) for keys, values, _ in cache_layers(cache)]
+        if any(keys.shape[2] != embeds.shape[1] for keys, _ in layers):
+            self._last.pop(key, None)
+            return
+        self._last[key] = _Prompt(embeds, mask, layers)

@@ -38,6 +38,7 @@ from recursivemas.agent import (
     row_seeds,
 )
 from recursivemas.answers import extract_answer
+from recursivemas.cache import PromptPrefixes
 from recursivemas.errors import ConfigError, InputError
 from recursivemas.executor import Message, RoundLoop, Stage
 from recursivemas.links import InnerLink, LinkConfig, OuterLink, build_link, init_default, init_identity
@@ -421,6 +422,8 @@ class _BatchRun:
         self.system, self.items, self.seeds, self.settings = system, items, seeds, settings
         self.generation, self.on_token = generation, on_token
         self.traces: list[list[StageTrace]] = [[] for _ in items]
+        # each agent's last prompt pass, for its next one in this batch (not in the re-encode reference)
+        self.prefixes = PromptPrefixes() if settings.use_cache else None
 
     def run(self) -> list[RunResult]:
         start = time.perf_counter()
@@ -454,8 +457,11 @@ class _BatchRun:
             decoded = tool_phase.num_tokens
             batch = agent.encode([[*row, text] for row, text in zip(rows, tool_phase.texts, strict=True)])
         m = self.settings.latent_steps or self.system.config.steps(stage.name)  # run-wide override first
-        rollout = agent.think if self.settings.use_cache else agent.think_reference
-        thoughts = rollout(batch, m, self.system.inner(stage.name), stage.round)
+        inner = self.system.inner(stage.name)
+        if self.settings.use_cache:
+            thoughts = agent.think(batch, m, inner, stage.round, self.prefixes)
+        else:
+            thoughts = agent.think_reference(batch, m, inner, stage.round)
         lens = self._lens(stage.name, thoughts.embeds) if self.settings.lens_top_k else None
         self._record(stage, "latent", batch, m, decoded, start, lens)
         return Message(latent=thoughts.embeds)
@@ -472,7 +478,7 @@ class _BatchRun:
         if tools is None:
             if on_token is not None and prefix:
                 on_token = _prefixed(on_token, prefix)
-            decoded = agent.decode(batch, self.generation, seeds, on_token)
+            decoded = agent.decode(batch, self.generation, seeds, on_token, self.prefixes)
             if prefix:
                 decoded.texts = [_after(prefix, t) for t in decoded.texts]
             return decoded

@@ -1,0 +1,181 @@
+"""``cache.PromptPrefixes``: a prompt pass that starts with the columns of the agent's previous one runs only
+the rest, over a cache holding theirs, with the outputs of a whole pass (float64 to rounding); it is used
+only where it is exact and safe (gradients off, a dynamic cache, no sliding window that dropped
+positions), and ``RecursiveMAS.run`` uses it across rounds."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from recursivemas.agent import GenerationConfig, StepConfig
+from recursivemas.cache import PromptPrefixes, cache_kwargs, new_cache
+
+from .conftest import QUESTIONS
+from .test_agent import ARCHS, _float64, _link
+
+SLOT = "critic"  # the solver template's slot
+
+
+def _with(agent, **step):
+    return dataclasses.replace(agent, step_config=StepConfig(**step))
+
+
+def _slotted(agent, questions, message: torch.Tensor):
+    """A batch of ``questions`` with the (B, m, d) ``message`` spliced into the solver's slot (left padded:
+    the questions differ in length)."""
+    rows = [agent.fill(agent.render(q, None, {SLOT}), {SLOT: message[i]}) for i, q in enumerate(questions)]
+    return agent.encode(rows)
+
+
+def _counted(monkeypatch, named: bool = False) -> list:
+    """The ``shared`` column counts of every prompt pass from now on (``named``: with the agent's name)."""
+    counts: list = []
+    shared = PromptPrefixes.shared
+
+    def record(self, key, embeds, mask):
+        n = shared(self, key, embeds, mask)
+        counts.append((key, n) if named else n)
+        return n
+
+    monkeypatch.setattr(PromptPrefixes, "shared", record)
+    return counts
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rollout_after_a_shared_prefix_equals_a_whole_pass(tiny_agents, arch, monkeypatch):
+    agent, link = _float64(tiny_agents[arch], _link(tiny_agents[arch]))
+    _widen_window(agent, 256)  # the prompts outgrow the tiny Gemma-3's window of 64, which stops reuse
+    questions, d = QUESTIONS[:3], agent.hidden_size
+    first, second = (torch.randn(3, 4, d, dtype=torch.float64) for _ in range(2))
+    counts = _counted(monkeypatch)
+    prefixes = PromptPrefixes()
+    with torch.no_grad():
+        agent.think(_slotted(agent, questions, first), 6, link, prefixes=prefixes)
+        batch = _slotted(agent, questions, second)
+        reused = agent.think(batch, 6, link, prefixes=prefixes)
+        whole = agent.think(batch, 6, link)
+    slot_column = batch.mask.shape[1] - 4 - _tail(agent)  # the first column of the message
+    assert counts == [0, slot_column]  # everything before the message was reused
+    torch.testing.assert_close(reused.hidden, whole.hidden, atol=1e-10, rtol=0)
+    torch.testing.assert_close(reused.embeds, whole.embeds, atol=1e-10, rtol=0)
+
+
+def _widen_window(agent, window: int) -> None:
+    """Give a (copied) model's sliding-window layers, if any, a ``window`` of positions."""
+    if getattr(agent.model.config, "sliding_window", None) is None:
+        return
+    agent.model.config.sliding_window = window
+    for layer in agent.backbone.layers:
+        if layer.self_attn.sliding_window is not None:
+            layer.self_attn.sliding_window = window
+
+
+def _tail(agent) -> int:
+    """Tokens of the solver's prompt after its slot."""
+    segments = agent.render(QUESTIONS[0], None, {SLOT})
+    after = segments[next(i for i, s in enumerate(segments) if not isinstance(s, str)) + 1 :]
+    return agent.encode([after]).mask.shape[1]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decode_after_a_think_reuses_its_prefix(tiny_agents, arch, monkeypatch):
+    agent, link = _float64(tiny_agents[arch], _link(tiny_agents[arch]))
+    _widen_window(agent, 256)
+    d = agent.hidden_size
+    gen = GenerationConfig(max_new_tokens=8)
+    counts = _counted(monkeypatch)
+    prefixes = PromptPrefixes()
+    with torch.no_grad():
+        agent.think(
+            _slotted(agent, QUESTIONS[:2], torch.randn(2, 3, d, dtype=torch.float64)), 4, link, 0, prefixes
+        )
+        batch = _slotted(agent, QUESTIONS[:2], torch.randn(2, 3, d, dtype=torch.float64))
+        reused = agent.decode(batch, gen, prefixes=prefixes)
+        whole = agent.decode(batch, gen)
+    assert counts[1] > 0
+    assert reused.token_ids == whole.token_ids and reused.texts == whole.texts
+
+
+def test_shared_columns_are_exact_and_leave_the_last_one(tiny_agents):
+    agent = tiny_agents["llama"]
+    prefixes = PromptPrefixes()
+    with torch.no_grad():
+        batch = agent.encode([[QUESTIONS[0]], [QUESTIONS[1]]])  # left padded
+        assert prefixes.shared("a", batch.embeds, batch.mask) == 0  # nothing kept yet
+        prefixes.keep("a", batch.embeds, batch.mask, _cache_of(agent, batch))
+    width = batch.mask.shape[1]
+    assert prefixes.shared("a", batch.embeds, batch.mask) == width - 1  # the same prompt: all but the last
+    assert prefixes.shared("b", batch.embeds, batch.mask) == 0  # another agent's
+    longer = torch.cat([batch.embeds, batch.embeds[:, -3:]], 1)  # (2, width + 3, d)
+    assert prefixes.shared("a", longer, torch.cat([batch.mask, batch.mask[:, -3:]], 1)) == width
+    changed = batch.embeds.clone()
+    changed[1, 7, 0] += 1e-6  # one value of one row
+    assert prefixes.shared("a", changed, batch.mask) == 7
+    unmasked = batch.mask.clone()
+    unmasked[0, 2] = 1 - unmasked[0, 2]
+    assert prefixes.shared("a", batch.embeds, unmasked) == 2
+    assert prefixes.shared("a", batch.embeds[:1], batch.mask[:1]) == 0  # another batch size
+    assert prefixes.shared("a", batch.embeds.double(), batch.mask) == 0  # another dtype
+
+
+def _cache_of(agent, batch):
+    """The dynamic cache of a prompt pass of ``batch`` through ``agent``'s backbone."""
+    cache = new_cache(agent.model)
+    agent.backbone(
+        inputs_embeds=batch.embeds, attention_mask=batch.mask, **cache_kwargs(agent.backbone, cache)
+    )
+    return cache
+
+
+def test_a_sliding_window_that_dropped_positions_is_not_kept(tiny_agents, monkeypatch):
+    agent, link = tiny_agents["gemma3"], _link(tiny_agents["gemma3"])
+    window = agent.model.config.sliding_window
+    long = "seven apples " * window  # past the window: its sliding layers keep only window - 1 positions
+    counts = _counted(monkeypatch)
+    prefixes = PromptPrefixes()
+    d = agent.hidden_size
+    with torch.no_grad():
+        for _ in range(2):
+            agent.think(_slotted(agent, [long], torch.randn(1, 2, d)), 3, link, prefixes=prefixes)
+    assert counts == [0, 0]
+
+
+def test_no_reuse_with_gradients_a_static_cache_or_when_turned_off(tiny_agents, monkeypatch):
+    base = tiny_agents["qwen3"]
+    link, d = _link(base), base.hidden_size
+    counts = _counted(monkeypatch)
+    for agent, grad in (
+        (base, True),
+        (_with(base, static_cache=True), False),
+        (_with(base, reuse_prefixes=False), False),
+    ):
+        prefixes = PromptPrefixes()
+        with torch.set_grad_enabled(grad):
+            for _ in range(2):
+                agent.think(_slotted(agent, QUESTIONS[:2], torch.randn(2, 2, d)), 3, link, prefixes=prefixes)
+    assert counts == []
+
+
+def test_run_reuses_prefixes_across_rounds_with_the_same_answers(tiny_system, monkeypatch):
+    gen = GenerationConfig(max_new_tokens=6)
+    questions = QUESTIONS[:3]
+    counts = _counted(monkeypatch, named=True)
+    reused = tiny_system.run(questions, generation=gen, batch_size=3)
+    used = list(counts)
+    try:
+        whole = tiny_system.set_step_config(StepConfig(reuse_prefixes=False)).run(
+            questions, generation=gen, batch_size=3
+        )
+    finally:
+        tiny_system.set_step_config(StepConfig())
+    names = list(tiny_system.agents)  # planner (Llama), critic (Gemma-3), solver (Qwen3)
+    assert [name for name, _ in used] == names * 2  # two rounds, every agent once a round
+    first, second = dict(used[:3]), dict(used[3:])
+    assert set(first.values()) == {0}
+    # the critic's prompts outgrow the tiny Gemma-3's sliding window (64), which is never reused from
+    assert second["planner"] > 0 and second["solver"] > 0 and second["critic"] == 0
+    assert [r.text for r in reused] == [r.text for r in whole]
+    reference = tiny_system.run(questions, generation=gen, batch_size=3, use_cache=False)
+    assert len(counts) == len(used)  # the re-encode reference never reuses
+    assert len(reference) == 3
