@@ -10,6 +10,7 @@ import torch
 
 from recursivemas.agent import GenerationConfig, StepConfig
 from recursivemas.cache import PromptPrefixes, cache_kwargs, new_cache
+from recursivemas.tools import ToolBox
 
 from .conftest import QUESTIONS
 from .test_agent import ARCHS, _float64, _link
@@ -95,6 +96,22 @@ def test_decode_after_a_think_reuses_its_prefix(tiny_agents, arch, monkeypatch):
         whole = agent.decode(batch, gen)
     assert counts[1] > 0
     assert reused.token_ids == whole.token_ids and reused.texts == whole.texts
+
+
+def test_decode_with_tools_reuses_each_rows_own_prefix(tiny_agents, monkeypatch):
+    agent = _float64(tiny_agents["qwen3"], _link(tiny_agents["qwen3"]))[0]
+    d, gen = agent.hidden_size, GenerationConfig(max_new_tokens=6)
+    counts = _counted(monkeypatch, named=True)
+    prefixes = PromptPrefixes()
+    with torch.no_grad():
+        for _ in range(2):  # two rounds of the same two questions, with new messages
+            batch = _slotted(agent, QUESTIONS[:2], torch.randn(2, 3, d, dtype=torch.float64))
+            reused, _ = agent.decode_with_tools(batch, gen, ToolBox(), prefixes=prefixes)
+    whole, _ = agent.decode_with_tools(batch, gen, ToolBox())
+    names = [f"{agent.name}[0]", f"{agent.name}[1]"]  # each row under its own key
+    assert [k for k, _ in counts] == names * 2
+    assert [n for _, n in counts[:2]] == [0, 0] and all(n > 0 for _, n in counts[2:])
+    assert reused.token_ids == whole.token_ids
 
 
 def test_shared_columns_are_exact_and_leave_the_last_one(tiny_agents):

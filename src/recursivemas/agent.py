@@ -406,6 +406,13 @@ class Agent:
                 f"--latent-steps / --max-new-tokens"
             )
 
+    def reusing(self, prefixes: PromptPrefixes | None) -> PromptPrefixes | None:
+        """``prefixes`` if this agent's prompt passes may start after shared columns now (its
+        ``step_config.reuse_prefixes``, gradients off: the kept keys and values carry no graph)."""
+        if prefixes is None or not self.step_config.reuse_prefixes or torch.is_grad_enabled():
+            return None
+        return prefixes
+
     # --- latent thoughts -------------------------------------------------------------------------
 
     def think(
@@ -552,6 +559,7 @@ class Agent:
         seeds: Sequence[int] | None = None,
         prefix: str = "",
         on_token: TokenCallback | None = None,
+        prefixes: PromptPrefixes | None = None,
     ) -> tuple[Decoded, list[list[ToolCall]]]:
         """Generate text in which tool calls run (SPEC 5b, deliberation): row by row, decode until the
         text since the last result holds a complete call (``ToolBox.find_call``), run it, feed
@@ -570,7 +578,10 @@ class Agent:
         for i, (row_gen, seed) in enumerate(zip(gens, row_seeds(gen, bsz, seeds), strict=True)):
             row = PromptBatch(batch.embeds[i : i + 1], batch.mask[i : i + 1], [], [])
             report = None if on_token is None else partial(on_token, i)
-            text, row_ids, row_calls = self._decode_row_with_tools(row, row_gen, tools, seed, prefix, report)
+            stream = _CachedStream(self, row, prefixes, f"{self.name}[{i}]")  # row i's own prompts
+            text, row_ids, row_calls = self._decode_row_with_tools(
+                stream, row_gen, tools, seed, prefix, report
+            )
             texts.append(text)
             ids.append(row_ids)
             calls.append(row_calls)
@@ -579,16 +590,16 @@ class Agent:
 
     def _decode_row_with_tools(
         self,
-        row: PromptBatch,
+        stream: _CachedStream,
         gen: GenerationConfig,
         tools: ToolBox,
         seed: int,
         prefix: str,
         on_text: Callable[[str], None] | None,
     ) -> tuple[str, list[int], list[ToolCall]]:
-        """One row's decode with tools -> (its text, its generated ids with the EOS, its calls)."""
+        """One row's decode with tools after its prompt pass (``stream``) -> (its text, its generated ids
+        with the EOS, its calls)."""
         sampler = _sampler(gen, seed, self.device)
-        stream = _CachedStream(self, row)
         done_text: list[str] = []  # transcript before the current segment (calls and results)
         segment: list[int] = []  # ids generated since the last result
         calls: list[ToolCall] = []
@@ -682,8 +693,7 @@ class _Forwards:
         config = agent.step_config
         self.module, self.last, self.static, self.compiled = module, last, config.static, config.compile
         self.steps, self.model, self.key = steps, agent.model, agent.name
-        reuse = config.reuse_prefixes and not config.static and not torch.is_grad_enabled()
-        self.prefixes = prefixes if reuse else None
+        self.prefixes = agent.reusing(prefixes) if not config.static else None
         length = config.cache_length(batch.mask.shape[1] + steps) if config.static else None
         self.cache = new_cache(agent.model, length)
         self.kwargs = {**cache_kwargs(module, self.cache), **kwargs}
@@ -726,13 +736,20 @@ class _Forwards:
 
 
 class _CachedStream:
-    """One row's KV-cached forward passes: the prompt, then any tokens fed after it."""
+    """One row's KV-cached forward passes: the prompt, then any tokens fed after it. With ``prefixes``, the
+    prompt pass starts after the columns it shares with the last prompt kept under ``key``."""
 
-    def __init__(self, agent: Agent, row: PromptBatch) -> None:
+    def __init__(
+        self, agent: Agent, row: PromptBatch, prefixes: PromptPrefixes | None = None, key: str = ""
+    ) -> None:
         self.model, self.device = agent.model, agent.device
-        self.cache = new_cache(self.model)
         self.mask, self.pos = row.mask, position_ids(row.mask)  # (1, T)
-        self.logits = self._forward(inputs_embeds=row.embeds)  # (1, V) at the last position
+        prefixes = agent.reusing(prefixes)
+        shared = prefixes.shared(key, row.embeds, row.mask) if prefixes is not None else 0
+        self.cache = prefixes.cache(key, self.model, shared) if shared else new_cache(self.model)
+        self.logits = self._forward(self.pos[:, shared:], inputs_embeds=row.embeds[:, shared:])  # (1, V)
+        if prefixes is not None:
+            prefixes.keep(key, row.embeds, row.mask, self.cache)
 
     @property
     def width(self) -> int:
@@ -743,13 +760,14 @@ class _CachedStream:
         n = len(ids)
         self.mask = torch.cat([self.mask, self.mask.new_ones(1, n)], dim=1)
         self.pos = self.pos[:, -1:] + torch.arange(1, n + 1, device=self.device)[None]
-        self.logits = self._forward(input_ids=torch.tensor([ids], device=self.device))
+        self.logits = self._forward(self.pos, input_ids=torch.tensor([ids], device=self.device))
 
-    def _forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+    def _forward(self, positions: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+        """The (1, V) float32 logits at the last of ``inputs``' positions (``positions``, (1, n))."""
         out = self.model(
             **inputs,
             attention_mask=self.mask,
-            position_ids=self.pos,
+            position_ids=positions,
             logits_to_keep=1,
             **cache_kwargs(self.model, self.cache),
         )

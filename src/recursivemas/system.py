@@ -482,7 +482,9 @@ class _BatchRun:
             if prefix:
                 decoded.texts = [_after(prefix, t) for t in decoded.texts]
             return decoded
-        decoded, calls = agent.decode_with_tools(batch, self.generation, tools, seeds, prefix, on_token)
+        decoded, calls = agent.decode_with_tools(
+            batch, self.generation, tools, seeds, prefix, on_token, self.prefixes
+        )
         for trace, row_calls in zip(self.traces, calls, strict=True):
             trace.extend(_tool_stage(stage, call) for call in row_calls)
         return decoded
