@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from recursivemas.agent import GenerationConfig, StepConfig
-from recursivemas.cache import PromptPrefixes, cache_kwargs, new_cache
+from recursivemas.cache import PromptPrefixes, cache_kwargs, cache_layers, new_cache
 from recursivemas.tools import ToolBox
 
 from .conftest import QUESTIONS
@@ -134,6 +134,23 @@ def test_shared_columns_are_exact_and_leave_the_last_one(tiny_agents):
     assert prefixes.shared("a", batch.embeds, unmasked) == 2
     assert prefixes.shared("a", batch.embeds[:1], batch.mask[:1]) == 0  # another batch size
     assert prefixes.shared("a", batch.embeds.double(), batch.mask) == 0  # another dtype
+
+
+def test_prompts_past_the_byte_budget_are_not_kept(tiny_agents):
+    agent = tiny_agents["llama"]
+    with torch.no_grad():
+        batch = agent.encode([[QUESTIONS[0]], [QUESTIONS[1]]])
+        cache = _cache_of(agent, batch)
+    size = sum(t.numel() * t.element_size() for k, v, _ in cache_layers(cache) for t in (k, v))
+    roomy, tight = PromptPrefixes(max_bytes=2 * size - 1), PromptPrefixes(max_bytes=size - 1)
+    for prefixes in (roomy, tight):
+        prefixes.keep("a", batch.embeds, batch.mask, cache)
+    assert roomy.shared("a", batch.embeds, batch.mask) > 0
+    assert tight.shared("a", batch.embeds, batch.mask) == 0
+    roomy.keep("b", batch.embeds, batch.mask, cache)  # a second one would pass the budget: not kept
+    assert roomy.shared("b", batch.embeds, batch.mask) == 0
+    roomy.keep("a", batch.embeds, batch.mask, cache)  # replacing a kept one frees its bytes first
+    assert roomy.shared("a", batch.embeds, batch.mask) > 0
 
 
 def _cache_of(agent, batch):

@@ -60,6 +60,11 @@ def cache_layers(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor, int | N
     return [(layer.keys, layer.values, getattr(layer, "sliding_window", None)) for layer in cache.layers]
 
 
+PREFIX_MAX_BYTES = 1 << 30
+"""Bytes of keys and values one ``PromptPrefixes`` keeps at most (the default preset's relay answers keep
+14 MiB at batch 1, 115 MiB at batch 8)."""
+
+
 @dataclass
 class _Prompt:
     """One prompt pass: its inputs and the keys and values it left in its cache."""
@@ -67,6 +72,10 @@ class _Prompt:
     embeds: torch.Tensor  # (B, T, d)
     mask: torch.Tensor  # (B, T)
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (B, H_kv, T, D) keys, values
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer)
 
 
 class PromptPrefixes:
@@ -81,12 +90,16 @@ class PromptPrefixes:
     columns. Outputs equal a whole pass up to float rounding (the products see fewer rows).
 
     A pass is remembered (``keep``) by reference to its cache's tensors, which dynamic caches never write
-    in place (they grow by concatenation); a cache whose sliding-window layers dropped positions is not.
-    One object lives for one batch of a run (``RecursiveMAS.run``), while the weights cannot change.
+    in place (they grow by concatenation); a cache whose sliding-window layers dropped positions is not,
+    nor one that would take the keys and values kept past ``max_bytes`` (they stay alive until the object
+    goes, beside the caches the passes after them allocate: a bound on what reuse adds to a run's
+    memory). One object lives for one batch of a run (``RecursiveMAS.run``), while the weights cannot
+    change.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int = PREFIX_MAX_BYTES) -> None:
         self._last: dict[str, _Prompt] = {}
+        self.max_bytes = max_bytes
 
     def shared(self, key: str, embeds: torch.Tensor, mask: torch.Tensor) -> int:
         """How many leading columns of the (B, T, d) ``embeds`` and (B, T) ``mask`` equal those of ``key``'s
@@ -111,8 +124,9 @@ class PromptPrefixes:
     def keep(self, key: str, embeds: torch.Tensor, mask: torch.Tensor, cache: Cache) -> None:
         """Remember the dynamic ``cache`` a prompt pass of ``embeds`` (B, T, d) and ``mask`` (B, T) filled
         as ``key``'s last prompt, unless one of its layers holds fewer than T positions."""
-        layers = [(keys, values) for keys, values, _ in cache_layers(cache)]
-        if any(keys.shape[2] != embeds.shape[1] for keys, _ in layers):
-            self._last.pop(key, None)
+        self._last.pop(key, None)
+        prompt = _Prompt(embeds, mask, [(keys, values) for keys, values, _ in cache_layers(cache)])
+        if any(keys.shape[2] != embeds.shape[1] for keys, _ in prompt.layers):
             return
-        self._last[key] = _Prompt(embeds, mask, layers)
+        if prompt.nbytes + sum(p.nbytes for p in self._last.values()) <= self.max_bytes:
+            self._last[key] = prompt
