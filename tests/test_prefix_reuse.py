@@ -1,15 +1,26 @@
 """``cache.PromptPrefixes``: a prompt pass that starts with the columns of the agent's previous one runs only
 the rest, over a cache holding theirs, with the outputs of a whole pass (float64 to rounding); it is used
-only where it is exact and safe (gradients off, a dynamic cache, no sliding window that dropped
-positions), and ``RecursiveMAS.run`` uses it across rounds."""
+only where that holds (gradients off, a dynamic cache of key/value layers, no sliding window that dropped
+positions, a rotary embedding independent of the length, int8 layers on the same kernel), and
+``RecursiveMAS.run`` uses it across rounds."""
 
+import copy
 import dataclasses
 
 import pytest
 import torch
+from transformers import AutoConfig, DynamicCache
 
 from recursivemas.agent import GenerationConfig, StepConfig
-from recursivemas.cache import PromptPrefixes, cache_kwargs, cache_layers, new_cache
+from recursivemas.cache import (
+    PREFIX_LAYERS,
+    PromptPrefixes,
+    cache_kwargs,
+    cache_layers,
+    new_cache,
+    prefix_reusable,
+)
+from recursivemas.quantize import INT8_MAX_ROWS, quantize_module
 from recursivemas.tools import ToolBox
 
 from .conftest import QUESTIONS
@@ -34,8 +45,8 @@ def _counted(monkeypatch, named: bool = False) -> list:
     counts: list = []
     shared = PromptPrefixes.shared
 
-    def record(self, key, embeds, mask):
-        n = shared(self, key, embeds, mask)
+    def record(self, key, embeds, mask, *rest):
+        n = shared(self, key, embeds, mask, *rest)
         counts.append((key, n) if named else n)
         return n
 
@@ -108,7 +119,7 @@ def test_decode_with_tools_reuses_each_rows_own_prefix(tiny_agents, monkeypatch)
             batch = _slotted(agent, QUESTIONS[:2], torch.randn(2, 3, d, dtype=torch.float64))
             reused, _ = agent.decode_with_tools(batch, gen, ToolBox(), prefixes=prefixes)
     whole, _ = agent.decode_with_tools(batch, gen, ToolBox())
-    names = [f"{agent.name}[0]", f"{agent.name}[1]"]  # each row under its own key
+    names = [(agent.name, 0), (agent.name, 1)]  # each row under its own key
     assert [k for k, _ in counts] == names * 2
     assert [n for _, n in counts[:2]] == [0, 0] and all(n > 0 for _, n in counts[2:])
     assert reused.token_ids == whole.token_ids
@@ -151,6 +162,55 @@ def test_prompts_past_the_byte_budget_are_not_kept(tiny_agents):
     assert roomy.shared("b", batch.embeds, batch.mask) == 0
     roomy.keep("a", batch.embeds, batch.mask, cache)  # replacing a kept one frees its bytes first
     assert roomy.shared("a", batch.embeds, batch.mask) > 0
+
+
+def test_a_pass_over_more_rows_than_the_int8_kernel_takes_stays_over_them(tiny_agents):
+    agent = tiny_agents["llama"]
+    prefixes = PromptPrefixes()
+    with torch.no_grad():
+        batch = agent.encode([[QUESTIONS[0]], [QUESTIONS[1]]])  # 2 rows
+        prefixes.keep("a", batch.embeds, batch.mask, _cache_of(agent, batch))
+    width = batch.mask.shape[1]
+    assert prefixes.shared("a", batch.embeds, batch.mask, kernel_rows=8) == width - 5  # 2 x 5 rows > 8
+    assert prefixes.shared("a", batch.embeds[:, :4], batch.mask[:, :4], kernel_rows=8) == 3  # 8 rows: any
+
+
+def test_int8_layers_keep_their_kernel_and_their_outputs(tiny_agents):
+    agent = dataclasses.replace(tiny_agents["llama"], model=copy.deepcopy(tiny_agents["llama"].model))
+    quantize_module(agent.model)  # Int8Linear: up to 8 rows through the int8 kernel, more through float32
+    assert agent.kernel_rows() == INT8_MAX_ROWS
+    link, d = _link(agent), agent.hidden_size
+    prefixes = PromptPrefixes()
+    rows = [[QUESTIONS[0], torch.randn(3, d), "."]]  # one row, 4 columns after the shared ones
+    with torch.no_grad():
+        agent.think(agent.encode(rows), 3, link, prefixes=prefixes)
+        rows[0][1] = torch.randn(3, d)
+        batch = agent.encode(rows)
+        assert prefixes.shared(agent.name, batch.embeds, batch.mask, agent.kernel_rows()) == (
+            batch.mask.shape[1] - INT8_MAX_ROWS - 1
+        )
+        reused = agent.think(batch, 3, link, prefixes=prefixes)
+        whole = agent.think(batch, 3, link)
+    torch.testing.assert_close(reused.hidden, whole.hidden, atol=1e-4, rtol=0)  # float32 rounding
+
+
+def test_no_reuse_with_a_rotary_embedding_that_depends_on_the_length(tiny_agents):
+    agent = dataclasses.replace(tiny_agents["llama"], model=copy.deepcopy(tiny_agents["llama"].model))
+    agent.model.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    assert not prefix_reusable(agent.model) and agent.reusing(PromptPrefixes()) is None
+    assert prefix_reusable(tiny_agents["gemma3"].model)  # one table per layer type, none dynamic
+
+
+def test_caches_with_more_state_than_keys_and_values_are_not_kept():
+    config = AutoConfig.for_model(
+        "lfm2", vocab_size=32, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+        num_key_value_heads=1, num_hidden_layers=2, layer_types=["conv", "full_attention"],
+    )  # fmt: skip
+    cache = DynamicCache(config=config)  # a convolution-state layer, then a key/value one
+    assert [type(layer) in PREFIX_LAYERS for layer in cache.layers] == [False, True]
+    prefixes, embeds = PromptPrefixes(), torch.randn(1, 4, 16)
+    prefixes.keep("a", embeds, torch.ones(1, 4, dtype=torch.long), cache)
+    assert prefixes.shared("a", embeds, torch.ones(1, 4, dtype=torch.long)) == 0
 
 
 def _cache_of(agent, batch):

@@ -21,7 +21,7 @@ import json
 import math
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -30,7 +30,7 @@ import torch
 from transformers import CompileConfig, PreTrainedModel
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from recursivemas.cache import PromptPrefixes, cache_kwargs, new_cache, step_mask
+from recursivemas.cache import PromptPrefixes, cache_kwargs, new_cache, prefix_reusable, step_mask
 from recursivemas.errors import ConfigError, NonFiniteLatentError, PromptTooLongError
 from recursivemas.fast_step import FastSteps
 from recursivemas.links import InnerLink
@@ -408,10 +408,16 @@ class Agent:
 
     def reusing(self, prefixes: PromptPrefixes | None) -> PromptPrefixes | None:
         """``prefixes`` if this agent's prompt passes may start after shared columns now (its
-        ``step_config.reuse_prefixes``, gradients off: the kept keys and values carry no graph)."""
+        ``step_config.reuse_prefixes``, gradients off: the kept keys and values carry no graph, and a
+        rotary embedding that does not depend on the length: ``cache.prefix_reusable``)."""
         if prefixes is None or not self.step_config.reuse_prefixes or torch.is_grad_enabled():
             return None
-        return prefixes
+        return prefixes if prefix_reusable(self.model) else None
+
+    def kernel_rows(self) -> int:
+        """The most input rows for which a layer of the model uses another kernel than for more rows
+        (``quantize.LowBitLinear.kernel_rows``: int8 and int4 layers); 0 when none does."""
+        return max((getattr(m, "kernel_rows", 0) for m in self.model.modules()), default=0)
 
     # --- latent thoughts -------------------------------------------------------------------------
 
@@ -578,7 +584,7 @@ class Agent:
         for i, (row_gen, seed) in enumerate(zip(gens, row_seeds(gen, bsz, seeds), strict=True)):
             row = PromptBatch(batch.embeds[i : i + 1], batch.mask[i : i + 1], [], [])
             report = None if on_token is None else partial(on_token, i)
-            stream = _CachedStream(self, row, prefixes, f"{self.name}[{i}]")  # row i's own prompts
+            stream = _CachedStream(self, row, prefixes, (self.name, i))  # row i's own prompts
             text, row_ids, row_calls = self._decode_row_with_tools(
                 stream, row_gen, tools, seed, prefix, report
             )
@@ -694,6 +700,7 @@ class _Forwards:
         self.module, self.last, self.static, self.compiled = module, last, config.static, config.compile
         self.steps, self.model, self.key = steps, agent.model, agent.name
         self.prefixes = agent.reusing(prefixes) if not config.static else None
+        self.kernel_rows = agent.kernel_rows() if self.prefixes is not None else 0
         length = config.cache_length(batch.mask.shape[1] + steps) if config.static else None
         self.cache = new_cache(agent.model, length)
         self.kwargs = {**cache_kwargs(module, self.cache), **kwargs}
@@ -707,7 +714,9 @@ class _Forwards:
     def prompt(self, embeds: torch.Tensor) -> torch.Tensor:
         """Run the (B, T, d) prompt embeddings (always eager) -> the output at its last position. With
         prefixes, only columns ``shared``.. run, over a cache holding the first ``shared``."""
-        shared = self.prefixes.shared(self.key, embeds, self.mask) if self.prefixes is not None else 0
+        shared = 0
+        if self.prefixes is not None:
+            shared = self.prefixes.shared(self.key, embeds, self.mask, self.kernel_rows)
         if shared:
             self.cache = self.prefixes.cache(self.key, self.model, shared)
             self.kwargs = {**self.kwargs, **cache_kwargs(self.module, self.cache)}
@@ -740,12 +749,18 @@ class _CachedStream:
     prompt pass starts after the columns it shares with the last prompt kept under ``key``."""
 
     def __init__(
-        self, agent: Agent, row: PromptBatch, prefixes: PromptPrefixes | None = None, key: str = ""
+        self,
+        agent: Agent,
+        row: PromptBatch,
+        prefixes: PromptPrefixes | None = None,
+        key: Hashable = "",
     ) -> None:
         self.model, self.device = agent.model, agent.device
         self.mask, self.pos = row.mask, position_ids(row.mask)  # (1, T)
         prefixes = agent.reusing(prefixes)
-        shared = prefixes.shared(key, row.embeds, row.mask) if prefixes is not None else 0
+        shared = 0
+        if prefixes is not None:
+            shared = prefixes.shared(key, row.embeds, row.mask, agent.kernel_rows())
         self.cache = prefixes.cache(key, self.model, shared) if shared else new_cache(self.model)
         self.logits = self._forward(self.pos[:, shared:], inputs_embeds=row.embeds[:, shared:])  # (1, V)
         if prefixes is not None:

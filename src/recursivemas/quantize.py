@@ -182,6 +182,9 @@ class LowBitLinear(nn.Module):
     and their output back. (``Fp16Linear`` picks no kernel by rows: it overrides ``step_op``.)"""
 
     form = ""
+    kernel_rows = INT8_MAX_ROWS
+    """Inputs of up to this many rows take the low-bit kernel, larger ones the loaded weight (0: one kernel
+    for all; ``cache.PromptPrefixes`` keeps a shortened prompt pass on the same side)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -249,6 +252,7 @@ class Fp16Linear(LowBitLinear):
     (``fp16_weight_model``); each block's outputs are the whole matrix's columns, bit for bit."""
 
     form = FP16_WEIGHTS
+    kernel_rows = 0
 
     def __init__(self, linear: nn.Linear, packed: list[object] | None = None) -> None:
         """Pack ``linear``'s weight, or take ``packed`` = ``fp16_blocks(linear)``'s output, packed before."""
