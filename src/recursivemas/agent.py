@@ -716,9 +716,9 @@ class _Forwards:
         prefixes, only columns ``shared``.. run, over a cache holding the first ``shared``."""
         shared = 0
         if self.prefixes is not None:
-            shared = self.prefixes.shared(self.key, embeds, self.mask, self.kernel_rows)
-        if shared:
-            self.cache = self.prefixes.cache(self.key, self.model, shared)
+            shared, self.cache = self.prefixes.start(
+                self.key, self.model, embeds, self.mask, self.kernel_rows
+            )
             self.kwargs = {**self.kwargs, **cache_kwargs(self.module, self.cache)}
         out = self.module(
             inputs_embeds=embeds[:, shared:],  # (B, T - shared, d)
@@ -758,10 +758,10 @@ class _CachedStream:
         self.model, self.device = agent.model, agent.device
         self.mask, self.pos = row.mask, position_ids(row.mask)  # (1, T)
         prefixes = agent.reusing(prefixes)
-        shared = 0
-        if prefixes is not None:
-            shared = prefixes.shared(key, row.embeds, row.mask, agent.kernel_rows())
-        self.cache = prefixes.cache(key, self.model, shared) if shared else new_cache(self.model)
+        if prefixes is None:
+            shared, self.cache = 0, new_cache(self.model)
+        else:
+            shared, self.cache = prefixes.start(key, self.model, row.embeds, row.mask, agent.kernel_rows())
         self.logits = self._forward(self.pos[:, shared:], inputs_embeds=row.embeds[:, shared:])  # (1, V)
         if prefixes is not None:
             prefixes.keep(key, row.embeds, row.mask, self.cache)

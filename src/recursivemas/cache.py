@@ -139,6 +139,20 @@ class PromptPrefixes:
         differ = (~same).nonzero()  # (k, 1)
         return int(differ[0, 0]) if differ.shape[0] else n
 
+    def start(
+        self,
+        key: Hashable,
+        model: PreTrainedModel,
+        embeds: torch.Tensor,
+        mask: torch.Tensor,
+        kernel_rows: int,
+    ) -> tuple[int, Cache]:
+        """(``shared`` columns, a dynamic cache for ``model`` holding their keys and values): where a prompt
+        pass of ``embeds`` (B, T, d) and ``mask`` (B, T) under ``key`` starts (0 and an empty cache when
+        nothing is shared)."""
+        shared = self.shared(key, embeds, mask, kernel_rows)
+        return shared, self.cache(key, model, shared) if shared else new_cache(model)
+
     def cache(self, key: Hashable, model: PreTrainedModel, columns: int) -> Cache:
         """A new dynamic cache for ``model`` holding the keys and values of the first ``columns`` columns
         of ``key``'s last prompt."""
